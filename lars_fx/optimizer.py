@@ -1,0 +1,372 @@
+"""``LARS``: MindSpore's ``nn.LARS`` wrapper as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor
+from torch.optim import SGD, Optimizer
+from torch.optim.sgd import sgd as sgd_functional
+
+from . import functional as F
+from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .fused import FusedStep
+
+__all__ = ["LARS", "ParamInfo", "default_lars_filter"]
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What ``lars_filter`` receives: the parameter's qualified name and the tensor itself.
+
+    Mirrors MindSpore's ``Parameter`` (``.name``), so filters port verbatim.
+    """
+
+    _name: str | None
+    param: Tensor
+    group_index: int
+    index_in_group: int
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            raise ValueError(
+                f"lars_filter read the name of parameter {self.index_in_group} of param group "
+                f"{self.group_index}, but the wrapped optimizer has no parameter names. Build it from "
+                "named parameters, e.g. torch.optim.SGD(model.named_parameters(), lr=0.1), or give "
+                "each param group as {'params': list(module.named_parameters()), ...}; or pass a "
+                "lars_filter that does not read `.name`."
+            )
+        return self._name
+
+
+def default_lars_filter(p: ParamInfo) -> bool:
+    """MindSpore's default: LARS for every parameter but LayerNorm parameters and biases."""
+    return "LayerNorm" not in p.name and "bias" not in p.name
+
+
+def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False, hint: str = "") -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}{hint}")
+    bad = not math.isfinite(value) or value < minimum or (strict and value == minimum)
+    if bad:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}{hint}")
+
+
+class LARS(Optimizer):
+    """Layer-wise adaptive rate scaling around another optimizer, as MindSpore's ``nn.LARS``.
+
+    For every parameter ``w`` with gradient ``g`` for which ``lars_filter`` is true, the wrapped
+    optimizer steps with ``coeff * (g + weight_decay * w)`` in place of ``g``, where
+    ``coeff = coefficient * ||w|| / (||g|| + weight_decay * ||w|| + epsilon)`` (clipped to
+    ``[0, 1]`` after dividing by the group's lr when ``use_clip``). Other parameters step with
+    their plain gradient. LARS takes over the wrapped optimizer's weight decay: the group's
+    ``weight_decay`` is applied inside the trust ratio and the wrapped optimizer applies none.
+
+    Args:
+        optimizer: the wrapped optimizer, built from named parameters (``model.named_parameters()``)
+            so the filter can read names. Over ``torch.optim.SGD`` every SGD option is supported;
+            over any other optimizer, the trust-ratio-scaled gradients are fed to its ``step``.
+        epsilon: added to the trust ratio's denominator; MindSpore's default.
+        coefficient: the trust coefficient (eta).
+        use_clip: clip ``coeff / lr`` to ``[0, 1]``, with ``lr`` the group's current learning rate.
+        lars_filter: ``ParamInfo -> bool``; True means the parameter gets LARS.
+        unit_trust_on_zero_norm: use a trust ratio of 1 where ``||w||`` or ``||g||`` is 0 (timm,
+            apex) instead of MindSpore's formula (which gives 0 where ``||w|| = 0``).
+        lr_inside_momentum: the paper's momentum form ``v = m*v + lr*u; w = w - v`` instead of
+            MindSpore's/torch's ``v = m*v + u; w = w - lr*v``. They differ only when lr changes.
+            Requires SGD as the wrapped optimizer.
+        skip_nonfinite: skip the whole step (parameters and state untouched) when any gradient
+            has an inf or NaN; costs one device-to-host sync per step. By default, as MindSpore,
+            non-finite gradients propagate into the parameters. Skipped steps are counted in
+            ``skipped_steps``.
+        foreach: use the multi-tensor kernels (default); False runs the per-tensor reference.
+        fused: capture the step as an FX graph, rewrite it with lars-fx's passes and compile it
+            with Inductor (SGD only); same numbers as the eager path.
+        telemetry: record each LARS parameter's ||w||, ||g|| and trust ratio every step, kept on
+            the device (no host sync) and read on demand through ``telemetry``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        epsilon: float = 1e-5,
+        coefficient: float = 0.001,
+        use_clip: bool = False,
+        lars_filter: Callable[[ParamInfo], bool] = default_lars_filter,
+        *,
+        unit_trust_on_zero_norm: bool = False,
+        lr_inside_momentum: bool = False,
+        skip_nonfinite: bool = False,
+        foreach: bool = True,
+        fused: bool = False,
+        telemetry: bool = False,
+    ) -> None:
+        if isinstance(optimizer, LARS):
+            raise TypeError("optimizer is already a lars_fx.LARS; wrap the inner optimizer only once")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer such as "
+                f"torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), got {type(optimizer).__name__}"
+            )
+        _check_number("epsilon", epsilon, minimum=0.0, strict=True, hint=" (MindSpore's default is 1e-5)")
+        _check_number("coefficient", coefficient, minimum=0.0, hint=" (MindSpore's default is 0.001)")
+        for flag_name, flag in (
+            ("use_clip", use_clip),
+            ("unit_trust_on_zero_norm", unit_trust_on_zero_norm),
+            ("lr_inside_momentum", lr_inside_momentum),
+            ("skip_nonfinite", skip_nonfinite),
+            ("foreach", foreach),
+            ("fused", fused),
+            ("telemetry", telemetry),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
+        if not callable(lars_filter):
+            raise TypeError(
+                f"lars_filter must be callable (ParamInfo -> bool), e.g. lambda p: 'bias' not in p.name; "
+                f"got {type(lars_filter).__name__}"
+            )
+        self._wraps_sgd = type(optimizer) is SGD
+        if fused and not self._wraps_sgd:
+            raise ValueError(
+                f"fused=True compiles LARS over torch.optim.SGD only, got {type(optimizer).__name__}; use fused=False"
+            )
+        if lr_inside_momentum and not self._wraps_sgd:
+            raise ValueError(
+                "lr_inside_momentum=True needs torch.optim.SGD as the wrapped optimizer, "
+                f"got {type(optimizer).__name__}; use lr_inside_momentum=False"
+            )
+
+        self.epsilon = float(epsilon)
+        self.coefficient = float(coefficient)
+        self.use_clip = use_clip
+        self.lars_filter = lars_filter
+        self.unit_trust_on_zero_norm = unit_trust_on_zero_norm
+        self.lr_inside_momentum = lr_inside_momentum
+        self.skip_nonfinite = skip_nonfinite
+        self.foreach = foreach
+        self.fused = fused
+        self.skipped_steps = 0
+        self.telemetry: Telemetry | None = Telemetry() if telemetry else None
+        self._fused_step: FusedStep | None = None
+
+        # Optimizer.__init__ sets up hooks and registers the groups; afterwards the wrapper and the
+        # wrapped optimizer share one list of groups and one state, so schedulers, state_dict and
+        # the wrapped optimizer all see the same numbers.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._lars_masks: list[list[bool]] = []
+        self._refresh_lars_masks()
+
+    # -- groups and filter decisions ---------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not hasattr(self, "optimizer"):  # called by Optimizer.__init__ for the shared groups
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+        self._refresh_lars_masks()
+
+    def _refresh_lars_masks(self) -> None:
+        masks = []
+        for group_index, group in enumerate(self.param_groups):
+            _check_number(f"param_groups[{group_index}]['lr']", group["lr"], minimum=0.0)
+            _check_number(
+                f"param_groups[{group_index}]['weight_decay']", group.get("weight_decay", 0.0), minimum=0.0
+            )
+            if group.get("differentiable", False):
+                raise ValueError("LARS does not support differentiable=True in the wrapped optimizer")
+            names = group.get("param_names")
+            mask = []
+            for index, param in enumerate(group["params"]):
+                info = ParamInfo(names[index] if names else None, param, group_index, index)
+                mask.append(bool(self.lars_filter(info)))
+            masks.append(mask)
+        self._lars_masks = masks
+
+    def lars_mask(self, group_index: int) -> list[bool]:
+        """Which parameters of ``param_groups[group_index]`` get LARS (the filter's decisions)."""
+        return list(self._lars_masks[group_index])
+
+    # -- state ------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # Optimizer.load_state_dict rebuilt our groups and state; share them again.
+        self.optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
+        self._refresh_lars_masks()
+
+    def __repr__(self) -> str:
+        options = (
+            f"epsilon={self.epsilon}, coefficient={self.coefficient}, use_clip={self.use_clip}, "
+            f"unit_trust_on_zero_norm={self.unit_trust_on_zero_norm}, "
+            f"lr_inside_momentum={self.lr_inside_momentum}"
+        )
+        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        return f"LARS({options},\n{inner}\n)"
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _lars_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "weight_decay": group.get("weight_decay", 0.0),
+            "coefficient": self.coefficient,
+            "epsilon": self.epsilon,
+            "use_clip": self.use_clip,
+            "lr": group["lr"],
+            "unit_trust_on_zero_norm": self.unit_trust_on_zero_norm,
+        }
+
+    def _collect(self, group_index: int) -> tuple[list[Tensor], list[Tensor], list[bool]]:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        params, grads, mask = [], [], []
+        for index, (param, use_lars) in enumerate(zip(group["params"], self._lars_masks[group_index])):
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse or grad.is_complex():
+                name = names[index] if names else f"param_groups[{group_index}]['params'][{index}]"
+                kind = "sparse" if grad.is_sparse else "complex"
+                raise ValueError(
+                    f"LARS got a {kind} gradient for {name}; LARS needs dense real gradients "
+                    "(use a dense embedding, sparse=False, or keep that parameter out of the optimizer)"
+                )
+            params.append(param)
+            grads.append(grad)
+            mask.append(use_lars)
+        return params, grads, mask
+
+    def _all_finite(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return True
+        sums = torch._foreach_norm(grads, 1)
+        return bool(torch.stack([s.float().to(sums[0].device) for s in sums]).isfinite().all())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if len(self._lars_masks) != len(self.param_groups):
+            self._refresh_lars_masks()  # groups added to the wrapped optimizer directly
+        if self.skip_nonfinite and not self._all_finite():
+            self.skipped_steps += 1
+            return loss
+        if self.fused:
+            if self._fused_step is None:
+                from .fused import FusedStep
+
+                self._fused_step = FusedStep(self)
+            self._fused_step()
+        elif self._wraps_sgd:
+            for group_index in range(len(self.param_groups)):
+                self._sgd_group_step(group_index)
+        else:
+            self._inner_step()
+        return loss
+
+    def _lars_updates(
+        self, group_index: int, params: list[Tensor], grads: list[Tensor], mask: list[bool], maximize: bool
+    ) -> list[Tensor]:
+        options = self._lars_options(self.param_groups[group_index])
+        if self.foreach or self.telemetry is not None:
+            result = F.lars_gradients_foreach(params, grads, mask, maximize=maximize, **options)
+            if self.telemetry is not None:
+                lars_params = [p for p, use_lars in zip(params, mask) if use_lars]
+                self.telemetry.record(self, group_index, lars_params, result.w_norm, result.g_norm, result.trust_ratio)
+            if self.foreach:
+                return result.updates
+        return [
+            F.lars_gradient(p, g, maximize=maximize, **options) if use_lars else (-g if maximize else g)
+            for p, g, use_lars in zip(params, grads, mask)
+        ]
+
+    def _sgd_group_step(self, group_index: int) -> None:
+        group = self.param_groups[group_index]
+        params, grads, mask = self._collect(group_index)
+        if not params:
+            return
+        updates = self._lars_updates(group_index, params, grads, mask, maximize=group["maximize"])
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else [None] * len(params)
+
+        if not self.foreach:
+            buffers = [
+                F.momentum_update(
+                    p,
+                    u,
+                    buf,
+                    lr=group["lr"],
+                    momentum=momentum,
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    lr_inside_momentum=self.lr_inside_momentum,
+                )
+                for p, u, buf in zip(params, updates, buffers)
+            ]
+        elif self.lr_inside_momentum:
+            F.momentum_foreach_lr_inside(
+                params,
+                updates,
+                buffers,
+                lr=group["lr"],
+                momentum=momentum,
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+            )
+        else:
+            sgd_functional(
+                params,
+                updates,
+                buffers,
+                foreach=group["foreach"] if group["foreach"] is not None else True,
+                fused=group["fused"],
+                weight_decay=0.0,
+                momentum=momentum,
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=False,  # already folded into the updates, before weight decay
+            )
+        if momentum != 0:
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf
+
+    def _inner_step(self) -> None:
+        """Any other optimizer: feed it the scaled gradients with its weight decay switched off."""
+        saved_grads: list[tuple[Tensor, Tensor]] = []
+        saved_decay: list[tuple[dict, Any]] = []
+        try:
+            for group_index, group in enumerate(self.param_groups):
+                params, grads, mask = self._collect(group_index)
+                if params:
+                    updates = self._lars_updates(group_index, params, grads, mask, group.get("maximize", False))
+                    for p, g, u in zip(params, grads, updates):
+                        saved_grads.append((p, g))
+                        p.grad = -u if group.get("maximize", False) else u
+                if "weight_decay" in group:
+                    saved_decay.append((group, group["weight_decay"]))
+                    group["weight_decay"] = 0.0
+            self.optimizer.step()
+        finally:
+            for p, g in saved_grads:
+                p.grad = g
+            for group, decay in saved_decay:
+                group["weight_decay"] = decay
+

@@ -1,0 +1,1 @@
+"""Graph passes of lars-fx, installed as ``lars_fx.passes``."""
