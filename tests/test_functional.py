@@ -1,0 +1,123 @@
+"""The LARS math in lars_fx.functional: the formula itself, and foreach == per-tensor reference."""
+
+import math
+
+import pytest
+import torch
+
+from lars_fx import functional as F
+
+SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (32, 9)]
+
+
+def _norm(t: torch.Tensor) -> float:
+    return math.sqrt(sum(float(x) ** 2 for x in t.double().flatten()))
+
+
+def test_trust_ratio_is_mindspores_formula():
+    torch.manual_seed(0)
+    w, g = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    wd, coefficient, epsilon = 1e-2, 0.02, 1e-5
+    expected = coefficient * _norm(w) / (_norm(g) + wd * _norm(w) + epsilon)
+    update = F.lars_gradient(w, g, weight_decay=wd, coefficient=coefficient, epsilon=epsilon)
+    expected_update = expected * (g + wd * w)
+    torch.testing.assert_close(update, expected_update, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("lr", [0.5, 0.01])
+def test_clip_divides_by_lr_and_clamps_to_unit_interval(lr):
+    w_norm = torch.tensor([3.0, 0.0, 0.2], dtype=torch.float64)
+    g_norm = torch.tensor([0.1, 1.0, 50.0], dtype=torch.float64)
+    raw = F.trust_ratio(w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5)
+    clipped = F.trust_ratio(w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5, use_clip=True, lr=lr)
+    torch.testing.assert_close(clipped, torch.clamp(raw / lr, 0, 1))
+    assert clipped[0] == 1.0 and clipped[1] == 0.0
+
+
+def test_use_clip_without_lr_is_an_error():
+    with pytest.raises(ValueError, match="lr"):
+        F.trust_ratio(torch.tensor(1.0), torch.tensor(1.0), weight_decay=0.0, coefficient=0.1, epsilon=1e-5, use_clip=True)
+
+
+def test_zero_norms_mindspore_versus_unit_convention():
+    zeros, ones = torch.zeros(4), torch.ones(4)
+    options = dict(weight_decay=1e-4, coefficient=0.001, epsilon=1e-5)
+    # MindSpore: coeff = 0 when ||w|| = 0, so the update vanishes.
+    assert torch.count_nonzero(F.lars_gradient(zeros, ones, **options)) == 0
+    # timm/apex: trust ratio 1 when either norm is 0.
+    torch.testing.assert_close(F.lars_gradient(zeros, ones, unit_trust_on_zero_norm=True, **options), ones)
+    torch.testing.assert_close(F.lars_gradient(ones, zeros, unit_trust_on_zero_norm=True, **options), 1e-4 * ones)
+    # MindSpore with g = 0: coeff = c||w|| / (wd||w|| + eps), finite.
+    expected = 0.001 * 2.0 / (1e-4 * 2.0 + 1e-5) * 1e-4
+    torch.testing.assert_close(F.lars_gradient(ones, zeros, **options), torch.full((4,), expected))
+
+
+def _random_tensors(dtypes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(SHAPES, dtypes)]
+    grads = [torch.randn(s, generator=gen).to(dt) * 0.1 for s, dt in zip(SHAPES, dtypes)]
+    return params, grads
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        [torch.float64] * 5,
+        [torch.float32] * 5,
+        [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32],
+    ],
+    ids=["f64", "f32", "mixed"],
+)
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("use_clip", [False, True])
+def test_foreach_matches_per_tensor_reference(dtypes, maximize, use_clip):
+    params, grads = _random_tensors(dtypes, seed=len(dtypes) + maximize + 2 * use_clip)
+    mask = [True, True, False, True, True]
+    options = dict(weight_decay=1e-3, coefficient=0.5, epsilon=1e-5, use_clip=use_clip, lr=0.3, maximize=maximize)
+    result = F.lars_gradients_foreach(params, grads, mask, **options)
+    for p, g, use_lars, got in zip(params, grads, mask, result.updates):
+        expected = F.lars_gradient(p, g, **options) if use_lars else (-g if maximize else g)
+        assert got.dtype == g.dtype
+        tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(g.dtype, 1e-2)
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    lars_params = [p for p, m in zip(params, mask) if m]
+    w_norms = torch.tensor([_norm(p) for p in lars_params], dtype=result.w_norm.dtype)
+    torch.testing.assert_close(result.w_norm, w_norms, rtol=1e-5, atol=0)
+    assert result.trust_ratio.shape == (4,)
+
+
+def test_norms_of_half_precision_are_float32():
+    params, grads = _random_tensors([torch.bfloat16] * 5, seed=3)
+    result = F.lars_gradients_foreach(params, grads, [True] * 5, weight_decay=0.0, coefficient=1.0, epsilon=1e-5)
+    assert result.w_norm.dtype == torch.float32 and result.trust_ratio.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "momentum,dampening,nesterov", [(0.0, 0.0, False), (0.9, 0.0, False), (0.8, 0.3, False), (0.9, 0.0, True)]
+)
+def test_lr_inside_momentum_foreach_matches_reference(momentum, dampening, nesterov):
+    gen = torch.Generator().manual_seed(7)
+    ref = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    fast = [p.clone() for p in ref]
+    ref_bufs, fast_bufs = [None] * len(SHAPES), [None] * len(SHAPES)
+    for step, lr in enumerate([0.1, 0.05, 0.2, 0.0, 0.1]):
+        updates = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+        options = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
+        ref_bufs = [F.momentum_update(p, u, b, lr_inside_momentum=True, **options) for p, u, b in zip(ref, updates, ref_bufs)]
+        F.momentum_foreach_lr_inside(fast, updates, fast_bufs, **options)
+        for a, b in zip(fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_lr_inside_momentum_differs_only_when_lr_changes():
+    gen = torch.Generator().manual_seed(1)
+    updates = [torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(4)]
+
+    def run(lrs, lr_inside):
+        w, buf = torch.zeros(5, dtype=torch.float64), None
+        for u, lr in zip(updates, lrs):
+            buf = F.momentum_update(w, u, buf, lr=lr, momentum=0.9, lr_inside_momentum=lr_inside)
+        return w
+
+    torch.testing.assert_close(run([0.1] * 4, True), run([0.1] * 4, False))
+    assert not torch.allclose(run([0.1, 0.2, 0.05, 0.1], True), run([0.1, 0.2, 0.05, 0.1], False))
