@@ -18,15 +18,15 @@ and, for momentum SGD (torch's rules: the first step sets v = u; dampening; nest
 The two momentum forms differ only when lr changes between steps.
 
 Two implementations live here: ``lars_sgd_reference`` is a plain per-tensor loop, the oracle every
-fast path is tested against (it runs in float64 as well); ``lars_gradients_foreach`` and
-``momentum_foreach_lr_inside`` are the multi-tensor versions that ``LARS.step`` runs. Both call the
-same ``trust_ratio``.
+fast path is tested against (it runs in float64 as well); ``lars_sgd_foreach`` (and
+``lars_gradients_foreach`` for optimizers other than SGD) are the multi-tensor versions that
+``LARS.step`` runs. Both call the same ``trust_ratio``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -40,7 +40,8 @@ __all__ = [
     "lars_sgd_reference",
     "LarsGradients",
     "lars_gradients_foreach",
-    "momentum_foreach_lr_inside",
+    "LarsNorms",
+    "lars_sgd_foreach",
 ]
 
 Number = float | Tensor
@@ -192,19 +193,71 @@ def lars_sgd_reference(
     return new_buffers
 
 
-class LarsGradients(NamedTuple):
-    """What ``lars_gradients_foreach`` computes for one param group.
+class LarsNorms(NamedTuple):
+    """``||w||``, ``||g||`` and the trust ratio of the LARS tensors of one step, in input order.
 
-    ``updates`` has one entry per input tensor. ``w_norm``, ``g_norm`` and ``trust_ratio`` are
-    float32/float64 vectors over the LARS tensors only (``lars_mask`` True, in input order),
-    kept on the tensors' device; they are empty when no tensor uses LARS, and when the tensors
-    span several devices each vector lives on the device of its first LARS tensor.
+    Float32 (float64 for float64 tensors) vectors on the tensors' device; empty when no tensor uses
+    LARS. When the tensors span several devices, each vector lives on the first one's device.
     """
 
-    updates: list[Tensor]
     w_norm: Tensor
     g_norm: Tensor
     trust_ratio: Tensor
+
+
+class LarsGradients(NamedTuple):
+    """What ``lars_gradients_foreach`` computes: one update per input tensor, and the norms."""
+
+    updates: list[Tensor]
+    norms: LarsNorms
+
+
+class _NormCollector:
+    """Gathers per-(device, dtype) norm vectors and returns them in input order."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.positions: list[int] = []
+
+    def add(self, positions: Sequence[int], w_norm: Tensor, g_norm: Tensor, coeff: Tensor) -> None:
+        self.parts.append((w_norm, g_norm, coeff))
+        self.positions.extend(positions)
+
+    def result(self) -> LarsNorms:
+        if not self.parts:
+            empty = torch.empty(0)
+            return LarsNorms(empty, empty, empty)
+        if len(self.parts) == 1:
+            return LarsNorms(*self.parts[0])
+        device = self.parts[0][0].device
+        order = torch.argsort(torch.tensor(self.positions, device=device))
+        columns = []
+        for column in zip(*self.parts):
+            dtype = functools.reduce(torch.promote_types, [c.dtype for c in column])
+            columns.append(torch.cat([c.to(device=device, dtype=dtype) for c in column])[order])
+        return LarsNorms(*columns)
+
+
+def _trust_ratios(ws: list[Tensor], gs: list[Tensor], **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Norms and trust ratios of tensors of one device and dtype: two ``_foreach_norm`` calls and
+    one vector computation."""
+    cdtype = compute_dtype(ws[0].dtype)
+    w_norm = torch.stack(torch._foreach_norm(ws, 2, dtype=cdtype))
+    g_norm = torch.stack(torch._foreach_norm(gs, 2, dtype=cdtype))
+    return w_norm, g_norm, trust_ratio(w_norm, g_norm, **options)
+
+
+def _scaled_gradients(ws: list[Tensor], gs: list[Tensor], coeff: Tensor, weight_decay: Number, sign: float) -> list[Tensor]:
+    """``coeff * (sign*g + weight_decay*w)`` per tensor, computed in ``compute_dtype`` and cast back."""
+    dtype = ws[0].dtype
+    cdtype = compute_dtype(dtype)
+    if cdtype != dtype:
+        ws = [w.to(cdtype) for w in ws]
+        gs = [g.to(cdtype) for g in gs]
+    scaled = torch._foreach_mul(gs, list((sign * coeff).unbind(0)))
+    if weight_decay != 0:
+        torch._foreach_addcmul_(scaled, ws, _per_tensor(coeff * weight_decay, ws))
+    return [u.to(dtype) for u in scaled]
 
 
 def lars_gradients_foreach(
@@ -222,90 +275,150 @@ def lars_gradients_foreach(
 ) -> LarsGradients:
     """The LARS-scaled gradients of a param group with multi-tensor (``torch._foreach_*``) kernels.
 
-    Tensors are grouped by device and dtype; each group's norms are one ``_foreach_norm`` call and
-    its trust ratios one vector computation. Same math as ``lars_gradient``.
+    Same math as ``lars_gradient``; for optimizers other than SGD, which need the gradients
+    themselves. Tensors are grouped by device and dtype.
     """
-    updates = list(torch._foreach_neg(grads)) if maximize else list(grads)
+    sign = -1.0 if maximize else 1.0
+    options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
+                   unit_trust_on_zero_norm=unit_trust_on_zero_norm)
+    updates = [(-g if maximize else g) if not use_lars else g for g, use_lars in zip(grads, lars_mask, strict=True)]
     lars_index = [i for i, use_lars in enumerate(lars_mask) if use_lars]
-    if not lars_index:
-        empty = torch.empty(0)
-        return LarsGradients(updates, empty, empty, empty)
-
-    lars_params = [params[i] for i in lars_index]
-    lars_grads = [updates[i] for i in lars_index]
-    w_norm_parts, g_norm_parts, ratio_parts, positions = [], [], [], []
-    grouped = _group_tensors_by_device_and_dtype([lars_params, lars_grads], with_indices=True)
-    for (_device, dtype), ((ws, gs), indices) in grouped.items():
-        cdtype = compute_dtype(dtype)
-        if cdtype != dtype:
-            ws = [w.to(cdtype) for w in ws]
-            gs = [g.to(cdtype) for g in gs]
-        w_norm = torch.stack(torch._foreach_norm(ws, 2))
-        g_norm = torch.stack(torch._foreach_norm(gs, 2))
-        coeff = trust_ratio(
-            w_norm,
-            g_norm,
-            weight_decay=weight_decay,
-            coefficient=coefficient,
-            epsilon=epsilon,
-            use_clip=use_clip,
-            lr=lr,
-            unit_trust_on_zero_norm=unit_trust_on_zero_norm,
-        )
-        scaled = torch._foreach_add(gs, ws, alpha=weight_decay) if weight_decay != 0 else list(gs)
-        scaled = torch._foreach_mul(scaled, list(coeff.unbind(0)))
-        for position, tensor in zip(indices, scaled):
-            updates[lars_index[position]] = tensor.to(dtype)
-        w_norm_parts.append(w_norm)
-        g_norm_parts.append(g_norm)
-        ratio_parts.append(coeff)
-        positions.extend(indices)
-
-    def in_input_order(parts: list[Tensor]) -> Tensor:
-        if len(parts) == 1:
-            return parts[0]
-        device = parts[0].device
-        dtype = functools.reduce(torch.promote_types, [p.dtype for p in parts])
-        vector = torch.cat([p.to(device=device, dtype=dtype) for p in parts])
-        order = torch.argsort(torch.tensor(positions, device=device))
-        return vector[order]
-
-    return LarsGradients(
-        updates,
-        in_input_order(w_norm_parts),
-        in_input_order(g_norm_parts),
-        in_input_order(ratio_parts),
-    )
+    norms = _NormCollector()
+    if lars_index:
+        lars_tensors = [[params[i] for i in lars_index], [grads[i] for i in lars_index]]
+        grouped = _group_tensors_by_device_and_dtype(lars_tensors, with_indices=True)
+        for (ws, gs), indices in grouped.values():
+            w_norm, g_norm, coeff = _trust_ratios(ws, gs, **options)
+            for position, u in zip(indices, _scaled_gradients(ws, gs, coeff, weight_decay, sign)):
+                updates[lars_index[position]] = u
+            norms.add(indices, w_norm, g_norm, coeff)
+    return LarsGradients(updates, norms.result())
 
 
-def momentum_foreach_lr_inside(
+def lars_sgd_foreach(
     params: Sequence[Tensor],
-    updates: Sequence[Tensor],
+    grads: Sequence[Tensor],
     momentum_buffers: list[Tensor | None],
+    lars_mask: Sequence[bool],
     *,
     lr: Number,
+    weight_decay: float,
     momentum: float,
     dampening: float = 0.0,
     nesterov: bool = False,
-) -> None:
-    """The paper's momentum form (lr inside the buffer) with foreach kernels, in place.
+    maximize: bool = False,
+    coefficient: float = 0.001,
+    epsilon: float = 1e-5,
+    use_clip: bool = False,
+    unit_trust_on_zero_norm: bool = False,
+    lr_inside_momentum: bool = False,
+) -> LarsNorms:
+    """``lars_sgd_reference`` with multi-tensor kernels, in place: the fast eager path.
 
-    ``momentum_buffers`` entries that are None (first step) are filled in.
+    ``momentum_buffers`` is updated in place (None entries, the first step, are filled in). The
+    scaled gradient ``u = a*g + b*w`` is never materialised: per tensor, ``a = ±coeff`` and
+    ``b = coeff*weight_decay`` for LARS tensors, ``a = ±1`` and ``b = 0`` for the others, and the
+    momentum and weight updates take ``a`` and ``b`` as per-tensor scalars. Half-precision LARS
+    tensors materialise ``u`` in float32 and cast it, as ``lars_gradient`` does.
     """
-    velocity_inputs = torch._foreach_mul(updates, lr)
-    if momentum == 0:
-        torch._foreach_sub_(params, velocity_inputs)
-        return
-    existing = [i for i, buf in enumerate(momentum_buffers) if buf is not None]
-    if existing:
-        bufs = [momentum_buffers[i] for i in existing]
-        torch._foreach_mul_(bufs, momentum)
-        torch._foreach_add_(bufs, [velocity_inputs[i] for i in existing], alpha=1 - dampening)
-    for i, buf in enumerate(momentum_buffers):
-        if buf is None:
-            momentum_buffers[i] = velocity_inputs[i].clone()
-    if nesterov:
-        directions = torch._foreach_add(velocity_inputs, momentum_buffers, alpha=momentum)
+    sign = -1.0 if maximize else 1.0
+    options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
+                   unit_trust_on_zero_norm=unit_trust_on_zero_norm)
+    norms = _NormCollector()
+    lars_rank = {i: rank for rank, i in enumerate(i for i, use_lars in enumerate(lars_mask) if use_lars)}
+    grouped = _group_tensors_by_device_and_dtype([list(params), list(grads)], with_indices=True)
+    for (device, dtype), ((ws, gs), indices) in grouped.items():
+        gs = list(gs)
+        a = torch.full((len(ws),), sign, dtype=compute_dtype(dtype), device=device)
+        b = torch.zeros(len(ws), dtype=compute_dtype(dtype), device=device)
+        lars_positions = [k for k, i in enumerate(indices) if lars_mask[i]]
+        has_weight_term = False
+        if lars_positions:
+            lars_ws, lars_gs = [ws[k] for k in lars_positions], [gs[k] for k in lars_positions]
+            w_norm, g_norm, coeff = _trust_ratios(lars_ws, lars_gs, **options)
+            selected = torch.tensor(lars_positions, device=device)
+            if compute_dtype(dtype) != dtype:
+                for k, u in zip(lars_positions, _scaled_gradients(lars_ws, lars_gs, coeff, weight_decay, sign)):
+                    gs[k] = u
+                a[selected] = 1.0
+            else:
+                a[selected] = sign * coeff
+                b[selected] = coeff * weight_decay
+                has_weight_term = weight_decay != 0
+            norms.add([lars_rank[indices[k]] for k in lars_positions], w_norm, g_norm, coeff)
+        buffers = [momentum_buffers[i] for i in indices]
+        _momentum_step(
+            ws, gs, buffers, a, b if has_weight_term else None,
+            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, lr_inside_momentum=lr_inside_momentum,
+        )
+        for i, buf in zip(indices, buffers):
+            momentum_buffers[i] = buf
+    return norms.result()
+
+
+def _per_tensor(scalars: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    return [s.expand_as(t) for s, t in zip(scalars.unbind(0), like)]
+
+
+def _sub_scaled_(targets: list[Tensor], sources: list[Tensor], scale: Number) -> None:
+    if isinstance(scale, Tensor):
+        torch._foreach_sub_(targets, torch._foreach_mul(sources, scale))
     else:
-        directions = momentum_buffers
-    torch._foreach_sub_(params, directions)
+        torch._foreach_add_(targets, sources, alpha=-scale)
+
+
+def _momentum_step(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    buffers: list[Tensor | None],
+    a: Tensor,
+    b: Tensor | None,
+    *,
+    lr: Number,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    lr_inside_momentum: bool,
+) -> None:
+    """``momentum_update`` for ``u = a*g + b*w`` (b None: no weight term), all tensors at once."""
+    if momentum != 0:
+        _update_buffers(ws, gs, buffers, a, b, momentum, dampening, lr if lr_inside_momentum else 1.0)
+    weight_scale = 1.0 if lr_inside_momentum else lr
+    if momentum == 0 or nesterov:
+        # w -= lr*u (+ weight_scale*m*buf); the weight term folds into one multiply, w *= 1 - lr*b.
+        if b is not None:
+            torch._foreach_mul_(ws, list((1 - lr * b).unbind(0)))
+        torch._foreach_addcmul_(ws, gs, _per_tensor(-lr * a, gs))
+        if nesterov:
+            _sub_scaled_(ws, buffers, weight_scale * momentum)
+    else:
+        _sub_scaled_(ws, buffers, weight_scale)
+
+
+def _update_buffers(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    buffers: list[Tensor | None],
+    a: Tensor,
+    b: Tensor | None,
+    momentum: float,
+    dampening: float,
+    velocity_scale: Number,
+) -> None:
+    """``v = m*v + (1-d)*s*u`` for existing buffers, ``v = s*u`` for new ones (filled into ``buffers``)."""
+    existing = [k for k, buf in enumerate(buffers) if buf is not None]
+    fresh = [k for k, buf in enumerate(buffers) if buf is None]
+    if existing:
+        bufs = [buffers[k] for k in existing]
+        picked = torch.tensor(existing, device=a.device)
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_addcmul_(bufs, [gs[k] for k in existing], _per_tensor((1 - dampening) * velocity_scale * a[picked], bufs))
+        if b is not None:
+            torch._foreach_addcmul_(bufs, [ws[k] for k in existing], _per_tensor((1 - dampening) * velocity_scale * b[picked], bufs))
+    if fresh:
+        picked = torch.tensor(fresh, device=a.device)
+        new = torch._foreach_mul([gs[k] for k in fresh], list((velocity_scale * a[picked]).unbind(0)))
+        if b is not None:
+            torch._foreach_addcmul_(new, [ws[k] for k in fresh], _per_tensor(velocity_scale * b[picked], new))
+        for k, buf in zip(fresh, new):
+            buffers[k] = buf

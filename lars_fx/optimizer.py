@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 from torch.optim import SGD, Optimizer
-from torch.optim.sgd import sgd as sgd_functional
 
 from . import functional as F
 from .telemetry import Telemetry
@@ -75,7 +74,8 @@ class LARS(Optimizer):
 
     Args:
         optimizer: the wrapped optimizer, built from named parameters (``model.named_parameters()``)
-            so the filter can read names. Over ``torch.optim.SGD`` every SGD option is supported;
+            so the filter can read names. Over ``torch.optim.SGD`` every SGD option is supported
+            (its ``foreach``/``fused`` flags aside: LARS's own ``foreach`` and ``fused`` decide);
             over any other optimizer, the trust-ratio-scaled gradients are fed to its ``step``.
         epsilon: added to the trust ratio's denominator; MindSpore's default.
         coefficient: the trust coefficient (eta).
@@ -281,15 +281,18 @@ class LARS(Optimizer):
             self._inner_step()
         return loss
 
+    def _record_telemetry(self, group_index: int, params: list[Tensor], mask: list[bool], norms: F.LarsNorms) -> None:
+        if self.telemetry is not None:
+            lars_params = [p for p, use_lars in zip(params, mask) if use_lars]
+            self.telemetry.record(self, group_index, lars_params, *norms)
+
     def _lars_updates(
         self, group_index: int, params: list[Tensor], grads: list[Tensor], mask: list[bool], maximize: bool
     ) -> list[Tensor]:
         options = self._lars_options(self.param_groups[group_index])
         if self.foreach or self.telemetry is not None:
             result = F.lars_gradients_foreach(params, grads, mask, maximize=maximize, **options)
-            if self.telemetry is not None:
-                lars_params = [p for p, use_lars in zip(params, mask) if use_lars]
-                self.telemetry.record(self, group_index, lars_params, result.w_norm, result.g_norm, result.trust_ratio)
+            self._record_telemetry(group_index, params, mask, result.norms)
             if self.foreach:
                 return result.updates
         return [
@@ -302,48 +305,25 @@ class LARS(Optimizer):
         params, grads, mask = self._collect(group_index)
         if not params:
             return
-        updates = self._lars_updates(group_index, params, grads, mask, maximize=group["maximize"])
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else [None] * len(params)
-
-        if not self.foreach:
-            buffers = [
-                F.momentum_update(
-                    p,
-                    u,
-                    buf,
-                    lr=group["lr"],
-                    momentum=momentum,
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    lr_inside_momentum=self.lr_inside_momentum,
-                )
-                for p, u, buf in zip(params, updates, buffers)
-            ]
-        elif self.lr_inside_momentum:
-            F.momentum_foreach_lr_inside(
-                params,
-                updates,
-                buffers,
-                lr=group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-            )
+        options = {
+            **self._lars_options(group),
+            "momentum": momentum,
+            "dampening": group["dampening"],
+            "nesterov": group["nesterov"],
+            "maximize": group["maximize"],
+            "lr_inside_momentum": self.lr_inside_momentum,
+        }
+        if self.foreach:
+            self._record_telemetry(group_index, params, mask, F.lars_sgd_foreach(params, grads, buffers, mask, **options))
         else:
-            sgd_functional(
-                params,
-                updates,
-                buffers,
-                foreach=group["foreach"] if group["foreach"] is not None else True,
-                fused=group["fused"],
-                weight_decay=0.0,
-                momentum=momentum,
-                lr=group["lr"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=False,  # already folded into the updates, before weight decay
-            )
+            if self.telemetry is not None:
+                lars_options = self._lars_options(group)
+                self._record_telemetry(
+                    group_index, params, mask, F.lars_gradients_foreach(params, grads, mask, **lars_options).norms
+                )
+            buffers = F.lars_sgd_reference(params, grads, buffers, mask, **options)
         if momentum != 0:
             for p, buf in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buf

@@ -81,32 +81,44 @@ def test_foreach_matches_per_tensor_reference(dtypes, maximize, use_clip):
         tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(g.dtype, 1e-2)
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     lars_params = [p for p, m in zip(params, mask) if m]
-    w_norms = torch.tensor([_norm(p) for p in lars_params], dtype=result.w_norm.dtype)
-    torch.testing.assert_close(result.w_norm, w_norms, rtol=1e-5, atol=0)
-    assert result.trust_ratio.shape == (4,)
+    w_norms = torch.tensor([_norm(p) for p in lars_params], dtype=result.norms.w_norm.dtype)
+    torch.testing.assert_close(result.norms.w_norm, w_norms, rtol=1e-5, atol=0)
+    assert result.norms.trust_ratio.shape == (4,)
 
 
 def test_norms_of_half_precision_are_float32():
     params, grads = _random_tensors([torch.bfloat16] * 5, seed=3)
     result = F.lars_gradients_foreach(params, grads, [True] * 5, weight_decay=0.0, coefficient=1.0, epsilon=1e-5)
-    assert result.w_norm.dtype == torch.float32 and result.trust_ratio.dtype == torch.float32
+    assert result.norms.w_norm.dtype == torch.float32 and result.norms.trust_ratio.dtype == torch.float32
 
 
+@pytest.mark.parametrize("lr_inside_momentum", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize(
     "momentum,dampening,nesterov", [(0.0, 0.0, False), (0.9, 0.0, False), (0.8, 0.3, False), (0.9, 0.0, True)]
 )
-def test_lr_inside_momentum_foreach_matches_reference(momentum, dampening, nesterov):
-    gen = torch.Generator().manual_seed(7)
-    ref = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-    fast = [p.clone() for p in ref]
-    ref_bufs, fast_bufs = [None] * len(SHAPES), [None] * len(SHAPES)
-    for step, lr in enumerate([0.1, 0.05, 0.2, 0.0, 0.1]):
-        updates = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
-        options = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov)
-        ref_bufs = [F.momentum_update(p, u, b, lr_inside_momentum=True, **options) for p, u, b in zip(ref, updates, ref_bufs)]
-        F.momentum_foreach_lr_inside(fast, updates, fast_bufs, **options)
-        for a, b in zip(fast, ref):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+def test_lars_sgd_foreach_matches_reference(momentum, dampening, nesterov, maximize, lr_inside_momentum):
+    dtypes = [torch.float64, torch.float32, torch.float64, torch.bfloat16, torch.float64]
+    params, _ = _random_tensors(dtypes, seed=11)
+    reference = [p.clone() for p in params]
+    mask = [True, False, True, True, False]
+    fast_buffers, ref_buffers = [None] * 5, [None] * 5
+    gen = torch.Generator().manual_seed(12)
+    hp = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize, weight_decay=1e-2,
+              coefficient=0.3, use_clip=True, lr_inside_momentum=lr_inside_momentum)
+    for lr in [0.1, 0.05, 0.2, 0.0, 0.1]:
+        grads = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(SHAPES, dtypes)]
+        lars_params = [p.clone() for p, m in zip(params, mask) if m]
+        norms = F.lars_sgd_foreach(params, grads, fast_buffers, mask, lr=lr, **hp)
+        ref_buffers = F.lars_sgd_reference(reference, grads, ref_buffers, mask, lr=lr, **hp)
+        for got, expected in zip(params + fast_buffers, reference + ref_buffers):
+            if expected is None:
+                assert got is None
+                continue
+            tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(got.dtype, 1e-2)
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(norms.w_norm, torch.tensor([_norm(p) for p in lars_params]), rtol=1e-5, atol=0, check_dtype=False)
+    assert norms.trust_ratio.shape == (3,)
 
 
 def test_lr_inside_momentum_differs_only_when_lr_changes():
