@@ -1,0 +1,618 @@
+"""The optimizer-step benchmark: LARS and its peers on the parameter shapes of real models.
+
+Every peer steps the same random fp32 parameters and gradients (one tensor per parameter of the
+model, named as torch names them, so LARS's default filter applies), and all peers run in one
+process so their ratios are comparable. Each peer is built and warmed up in turn; then the timed
+steps interleave the peers, one step of each per round, so that load from other processes on a
+shared machine hits them alike. Per peer: the median step time over ``iters`` steps; for compiled
+peers, the compile time is what the ``warmup`` steps took above that median. Achieved bandwidth
+counts 28 bytes per parameter (the norms read w and g; the update reads w, g, v and writes w, v)
+and is reported as a share of the copy bandwidth measured in the same run (a large ``copy_``,
+bytes read plus bytes written).
+
+On CUDA each timed step is bracketed by events (no host sync inside the timed loop); on the CPU by
+the host clock. ``run_benchmark`` never raises for one peer's failure: the row keeps the error as
+its note.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch.optim import SGD, Optimizer
+from torch.optim.optimizer import ParamsT
+
+from .optimizer import LARS, ParamInfo, default_lars_filter
+
+__all__ = [
+    "ParamShape",
+    "MODELS",
+    "resnet50_shapes",
+    "vit_l16_shapes",
+    "TimmLars",
+    "PEERS",
+    "BenchRow",
+    "BenchReport",
+    "available_peers",
+    "run_benchmark",
+    "format_markdown",
+]
+
+LR = 0.1
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+BYTES_PER_PARAM = 28
+
+
+# -- model shapes --------------------------------------------------------------------------------
+
+
+class ParamShape(NamedTuple):
+    name: str
+    shape: tuple[int, ...]
+
+
+def resnet50_shapes() -> list[ParamShape]:
+    """torchvision's ResNet-50: 161 tensors, 25,557,032 parameters."""
+    shapes = [ParamShape("conv1.weight", (64, 3, 7, 7)), *_norm("bn1", 64)]
+    inplanes = 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+        for block in range(blocks):
+            prefix = f"layer{stage}.{block}"
+            width = planes * 4
+            shapes += [
+                ParamShape(f"{prefix}.conv1.weight", (planes, inplanes, 1, 1)),
+                *_norm(f"{prefix}.bn1", planes),
+                ParamShape(f"{prefix}.conv2.weight", (planes, planes, 3, 3)),
+                *_norm(f"{prefix}.bn2", planes),
+                ParamShape(f"{prefix}.conv3.weight", (width, planes, 1, 1)),
+                *_norm(f"{prefix}.bn3", width),
+            ]
+            if block == 0:
+                shapes += [
+                    ParamShape(f"{prefix}.downsample.0.weight", (width, inplanes, 1, 1)),
+                    *_norm(f"{prefix}.downsample.1", width),
+                ]
+            inplanes = width
+    shapes += _linear("fc", 2048, 1000)
+    return shapes
+
+
+def vit_l16_shapes() -> list[ParamShape]:
+    """ViT-L/16 at 224 px with a 1000-class head, timm's names: 296 tensors, 304,326,632 parameters."""
+    dim, hidden, depth, tokens = 1024, 4096, 24, 197
+    shapes = [
+        ParamShape("cls_token", (1, 1, dim)),
+        ParamShape("pos_embed", (1, tokens, dim)),
+        ParamShape("patch_embed.proj.weight", (dim, 3, 16, 16)),
+        ParamShape("patch_embed.proj.bias", (dim,)),
+    ]
+    for block in range(depth):
+        prefix = f"blocks.{block}"
+        shapes += [
+            *_norm(f"{prefix}.norm1", dim),
+            *_linear(f"{prefix}.attn.qkv", dim, 3 * dim),
+            *_linear(f"{prefix}.attn.proj", dim, dim),
+            *_norm(f"{prefix}.norm2", dim),
+            *_linear(f"{prefix}.mlp.fc1", dim, hidden),
+            *_linear(f"{prefix}.mlp.fc2", hidden, dim),
+        ]
+    shapes += [*_norm("norm", dim), *_linear("head", dim, 1000)]
+    return shapes
+
+
+def _norm(prefix: str, channels: int) -> list[ParamShape]:
+    return [ParamShape(f"{prefix}.weight", (channels,)), ParamShape(f"{prefix}.bias", (channels,))]
+
+
+def _linear(prefix: str, fan_in: int, fan_out: int) -> list[ParamShape]:
+    return [ParamShape(f"{prefix}.weight", (fan_out, fan_in)), ParamShape(f"{prefix}.bias", (fan_out,))]
+
+
+MODELS: dict[str, Callable[[], list[ParamShape]]] = {"resnet50": resnet50_shapes, "vitl": vit_l16_shapes}
+
+
+# -- the timm peer -------------------------------------------------------------------------------
+
+
+class TimmLars(Optimizer):
+    """A faithful reimplementation of ``timm.optim.Lars``'s step (timm is not a dependency).
+
+    Per tensor: norms, a ``torch.where`` trust ratio (1 where either norm is 0), the gradient scaled
+    in place, then torch-1.7-style momentum SGD. As in timm, only groups with weight decay (or
+    ``always_adapt``) are adapted, so timm's usual split (no decay for biases and norms) selects the
+    LARS tensors.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        trust_coeff: float = 0.001,
+        eps: float = 1e-8,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            trust_coeff=trust_coeff,
+            eps=eps,
+            trust_clip=trust_clip,
+            always_adapt=always_adapt,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            weight_decay = group["weight_decay"]
+            momentum = group["momentum"]
+            dampening = group["dampening"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if weight_decay != 0 or group["always_adapt"]:
+                    w_norm = p.norm(2.0)
+                    g_norm = grad.norm(2.0)
+                    trust_ratio = group["trust_coeff"] * w_norm / (g_norm + w_norm * weight_decay + group["eps"])
+                    trust_ratio = torch.where(w_norm > 0, torch.where(g_norm > 0, trust_ratio, 1.0), 1.0)
+                    if group["trust_clip"]:
+                        trust_ratio = torch.clamp(trust_ratio / group["lr"], max=1.0)
+                    grad.add_(p, alpha=weight_decay)
+                    grad.mul_(trust_ratio)
+                if momentum != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        buf = state["momentum_buffer"] = torch.clone(grad).detach()
+                    else:
+                        buf = state["momentum_buffer"]
+                        buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)
+                    grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+                p.add_(grad, alpha=-group["lr"])
+        return loss
+
+
+# -- peers ---------------------------------------------------------------------------------------
+
+NamedParams = list[tuple[str, torch.nn.Parameter]]
+Step = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Peer:
+    key: str
+    label: str
+    build: Callable[[NamedParams], Step]
+    compiled: bool = False
+    cuda_only: bool = False
+
+
+def _lars_mask(named: NamedParams) -> list[bool]:
+    return [default_lars_filter(ParamInfo(name, p, 0, i)) for i, (name, p) in enumerate(named)]
+
+
+def _timm_lars(named: NamedParams) -> TimmLars:
+    mask = _lars_mask(named)
+    groups = [
+        {"params": [p for (_, p), lars in zip(named, mask) if lars], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for (_, p), lars in zip(named, mask) if not lars], "weight_decay": 0.0},
+    ]
+    return TimmLars([g for g in groups if g["params"]], lr=LR, momentum=MOMENTUM)
+
+
+def _sgd(named: NamedParams, **options) -> SGD:
+    return SGD(named, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **options)
+
+
+def _fused_lars(named: NamedParams) -> Step:
+    """``LARS(fused=True).step``, failing the row if the fused path fell back to the eager step."""
+    lars = LARS(_sgd(named), fused=True)
+
+    def step() -> None:
+        lars.step()
+        fallback = getattr(lars._fused_step, "fallback", None)
+        if fallback:
+            raise RuntimeError(f"fused step fell back to eager LARS: {fallback}")
+
+    return step
+
+
+def _in_one_cuda_graph(step: Step) -> Step:
+    """Warm up on a side stream (creates the momentum buffers), capture one step, replay it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+PEERS: dict[str, Peer] = {
+    peer.key: peer
+    for peer in (
+        Peer("timm_eager", "timm Lars, eager", lambda n: _timm_lars(n).step),
+        Peer("timm_compiled", "torch.compile(timm Lars.step)", lambda n: torch.compile(_timm_lars(n).step), True),
+        Peer(
+            "timm_compiled_combo",
+            "torch.compile(timm Lars.step), combo_kernels",
+            lambda n: torch.compile(_timm_lars(n).step, options={"combo_kernels": True}),
+            True,
+            cuda_only=True,
+        ),
+        Peer(
+            "timm_reduce_overhead",
+            "torch.compile(timm Lars.step, mode=reduce-overhead)",
+            lambda n: torch.compile(_timm_lars(n).step, mode="reduce-overhead"),
+            True,
+            cuda_only=True,
+        ),
+        Peer("lars_loop", "LARS(foreach=False), per-tensor eager", lambda n: LARS(_sgd(n), foreach=False).step),
+        Peer("lars_foreach", "LARS (foreach), eager", lambda n: LARS(_sgd(n)).step),
+        Peer(
+            "lars_foreach_cudagraph",
+            "LARS (foreach) in one CUDA graph",
+            lambda n: _in_one_cuda_graph(LARS(_sgd(n)).step),
+            cuda_only=True,
+        ),
+        Peer("lars_fused", "LARS(fused=True)", _fused_lars, True),
+        Peer("sgd_compiled", "torch.compile(SGD.step), no LARS", lambda n: torch.compile(_sgd(n).step), True),
+        Peer("sgd_foreach", "SGD foreach, eager, no LARS", lambda n: _sgd(n, foreach=True).step),
+        Peer(
+            "sgd_foreach_cudagraph",
+            "SGD foreach in one CUDA graph, no LARS",
+            lambda n: _in_one_cuda_graph(_sgd(n, foreach=True).step),
+            cuda_only=True,
+        ),
+    )
+}
+
+
+def available_peers(device: str | torch.device) -> list[str]:
+    """The peers that run on ``device``, in table order."""
+    on_cuda = torch.device(device).type == "cuda"
+    return [key for key, peer in PEERS.items() if on_cuda or not peer.cuda_only]
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchRow:
+    """One peer's result. Times in ms, compile time in s; ratios are this row's time over the other's."""
+
+    peer: str
+    label: str
+    median_ms: float | None = None
+    iqr_ms: float | None = None
+    compile_s: float | None = None
+    vs_compiled_sgd: float | None = None
+    vs_fused_lars: float | None = None
+    bandwidth_gbs: float | None = None
+    bandwidth_share: float | None = None
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    """What ran where: the shapes, the machine, the copy bandwidth and its floor, and the rows."""
+
+    model: str
+    device: str
+    device_name: str
+    num_tensors: int
+    num_lars_tensors: int
+    num_params: int
+    copy_gbs: float
+    floor_ms: float
+    warmup: int
+    iters: int
+    date: str
+    machine: str
+    rows: list[BenchRow]
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warm_up(step: Step, device: torch.device, steps: int) -> list[float]:
+    """Wall seconds of each warmup step, synced, so that compiles and graph captures show."""
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+class _StepTimes:
+    """Times single steps: with CUDA events read once at the end (no sync between steps), or the host clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._ms: list[float] = []
+
+    def time(self, step: Step) -> None:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            self._events.append((start, end))
+        else:
+            start_s = time.perf_counter()
+            step()
+            self._ms.append((time.perf_counter() - start_s) * 1e3)
+
+    def milliseconds(self) -> list[float]:
+        _sync(self.device)
+        return self._ms + [start.elapsed_time(end) for start, end in self._events]
+
+
+def _copy_step(device: torch.device) -> tuple[Step, int]:
+    """A large device-local ``copy_`` (the bandwidth ceiling) and the bytes it reads plus writes."""
+    src = torch.randn(2**28 if device.type == "cuda" else 2**25, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.nbytes
+
+
+def _time_interleaved(
+    steps: dict[str, Step], device: torch.device, iters: int, progress: Callable[[str], None]
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """One step of each entry per round, so that load from other processes hits every entry alike.
+
+    Returns each surviving entry's step times (ms) and the error note of each entry that failed.
+    """
+    times = {key: _StepTimes(device) for key in steps}
+    live, failures = dict(steps), {}
+    for _ in range(iters):
+        for key, step in list(live.items()):
+            try:
+                times[key].time(step)
+            except Exception as error:  # one peer's failure is a row note, never the end of the table
+                failures[key] = _error_note(error)
+                progress(f"{key}: {failures[key]}")
+                del live[key]
+    return {key: times[key].milliseconds() for key in live}, failures
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def _make_params(shapes: Sequence[ParamShape], device: torch.device) -> NamedParams:
+    named = []
+    for name, shape in shapes:
+        param = torch.nn.Parameter(torch.empty(shape, device=device))
+        param.grad = torch.empty_like(param)
+        named.append((name, param))
+    return named
+
+
+@torch.no_grad()
+def _fill_random(named: NamedParams, device: torch.device, seed: int) -> None:
+    """The same random weights and gradients for every peer (never zeros: they can time faster)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for _, param in named:
+        param.normal_(0.0, 0.05, generator=generator)
+        param.grad.normal_(0.0, 1e-3, generator=generator)
+
+
+def _error_note(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _row(peer: Peer, step_ms: list[float] | None, warmup_s: list[float] | None, note: str) -> BenchRow:
+    row = BenchRow(peer.key, peer.label, note=note)
+    if step_ms:
+        row.median_ms = statistics.median(step_ms)
+        row.iqr_ms = _iqr(step_ms)
+        if peer.compiled and warmup_s is not None:
+            row.compile_s = sum(max(0.0, s - row.median_ms * 1e-3) for s in warmup_s)
+    return row
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
+
+
+def _fill_ratios(rows: list[BenchRow], num_params: int, copy_gbs: float) -> None:
+    medians = {row.peer: row.median_ms for row in rows}
+    sgd_ms, fused_ms = medians.get("sgd_compiled"), medians.get("lars_fused")
+    for row in rows:
+        if row.median_ms is None:
+            continue
+        row.vs_compiled_sgd = row.median_ms / sgd_ms if sgd_ms else None
+        row.vs_fused_lars = row.median_ms / fused_ms if fused_ms else None
+        row.bandwidth_gbs = BYTES_PER_PARAM * num_params / (row.median_ms * 1e-3) / 1e9
+        row.bandwidth_share = row.bandwidth_gbs / copy_gbs
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _machine() -> str:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{platform.system()} {platform.machine()}, {usable} usable CPU cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+    )
+
+
+def run_benchmark(
+    model: str = "resnet50",
+    device: str | None = None,
+    peers: Sequence[str] | None = None,
+    warmup: int = 3,
+    iters: int = 20,
+    progress: Callable[[str], None] | None = None,
+    *,
+    shapes: Sequence[ParamShape] | None = None,
+    cold_compile: bool = True,
+    seed: int = 0,
+) -> BenchReport:
+    """Time one optimizer step of every peer on ``model``'s parameter shapes, side by side.
+
+    Each peer is built and warmed up in turn (compiles happen here), starting from the same random
+    weights and gradients; then the timed steps run in rounds of one step per peer. All peers step
+    the same tensors, each with its own optimizer state. Ends with ``torch._dynamo.reset()`` when a
+    compiled peer ran.
+
+    Args:
+        model: a key of ``MODELS`` ("resnet50", "vitl"); with ``shapes``, only the report's label.
+        device: "cpu", "cuda", "cuda:1"...; None picks CUDA when available.
+        peers: keys of ``PEERS`` in any order (the table keeps ``PEERS``'s order); None runs every
+            peer that runs on ``device`` (``available_peers``).
+        warmup: untimed steps per peer; compiled peers compile here, so keep it >= 2 (the first step
+            creates the momentum buffers, the second recompiles for them).
+        iters: timed steps per peer; the row's time is their median.
+        progress: called with a short message as each peer is warmed up, fails, and when timing starts.
+        shapes: a shape list of your own instead of ``MODELS[model]``.
+        cold_compile: disable Inductor's caches so compile times are those of a first run.
+        seed: seeds the random weights and gradients.
+    """
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if shapes is None:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)} or pass shapes=")
+        shapes = MODELS[model]()
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    usable = available_peers(resolved)
+    wanted = usable if peers is None else list(peers)
+    unknown = [key for key in wanted if key not in usable]
+    if unknown:
+        raise ValueError(f"peers {unknown} do not run on {resolved.type}; choose from {usable}")
+    selected = [PEERS[key] for key in usable if key in wanted]
+    report_progress = progress or (lambda message: None)
+
+    named = _make_params(shapes, resolved)
+    num_params = sum(p.numel() for _, p in named)
+    copy, copy_bytes = _copy_step(resolved)
+    _warm_up(copy, resolved, 2)
+    # The copy is timed in the same rounds as the peers, under the same load.
+    steps: dict[str, Step] = {"copy": copy}
+    warmup_s: dict[str, list[float]] = {}
+    failures: dict[str, str] = {}
+    # Several compiled optimizers share Optimizer.step's wrapper frame: room for all their graphs.
+    with torch._dynamo.config.patch(cache_size_limit=64), torch._inductor.config.patch(
+        force_disable_caches=cold_compile  # every compiled peer pays its full compile, as on a first run
+    ):
+        for peer in selected:
+            report_progress(f"{peer.key}: build and warm up")
+            _fill_random(named, resolved, seed)
+            try:
+                steps[peer.key] = peer.build(named)
+                warmup_s[peer.key] = _warm_up(steps[peer.key], resolved, warmup)
+            except Exception as error:  # one peer's failure is a row note, never the end of the table
+                steps.pop(peer.key, None)
+                failures[peer.key] = _error_note(error)
+                report_progress(f"{peer.key}: {failures[peer.key]}")
+        report_progress(f"timing {len(steps) - 1} peers and the copy, {iters} rounds")
+        step_ms, timing_failures = _time_interleaved(steps, resolved, iters, report_progress)
+    del steps
+    if any(peer.compiled for peer in selected):
+        torch._dynamo.reset()
+    failures.update(timing_failures)
+    copy_gbs = copy_bytes / (statistics.median(step_ms.pop("copy")) * 1e-3) / 1e9
+    rows = [_row(peer, step_ms.get(peer.key), warmup_s.get(peer.key), failures.get(peer.key, "")) for peer in selected]
+    _fill_ratios(rows, num_params, copy_gbs)
+    return BenchReport(
+        model=model,
+        device=str(resolved),
+        device_name=_device_name(resolved),
+        num_tensors=len(named),
+        num_lars_tensors=sum(_lars_mask(named)),
+        num_params=num_params,
+        copy_gbs=copy_gbs,
+        floor_ms=BYTES_PER_PARAM * num_params / (copy_gbs * 1e9) * 1e3,
+        warmup=warmup,
+        iters=iters,
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=_machine(),
+        rows=rows,
+    )
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def _cell(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def format_markdown(report: BenchReport, notes: Sequence[str] = ()) -> str:
+    """The report as markdown: a header of what ran where, then one table row per peer."""
+    lines = [
+        f"# Optimizer step: {report.model} shapes on {report.device}",
+        "",
+        f"- date: {report.date}",
+        f"- machine: {report.machine}; device: {report.device_name}",
+        f"- shapes: {report.num_tensors} fp32 tensors ({report.num_lars_tensors} under LARS's default filter), "
+        f"{report.num_params:,} parameters",
+        f"- step: lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY}; LARS coefficient 0.001",
+        f"- timing: median of {report.iters} steps after {report.warmup} warmup steps, the peers interleaved "
+        "(one step each per round); "
+        "compile s = what the warmup steps took above the median; × columns = this row's time over the "
+        "reference's (> 1: slower)",
+        f"- copy bandwidth: {report.copy_gbs:.1f} GB/s (a large copy_ timed in the same rounds, read + write); "
+        f"floor at {BYTES_PER_PARAM} B/param: "
+        f"{report.floor_ms:.3f} ms",
+        *(f"- {note}" for note in notes),
+        "",
+        "| peer | median ms | IQR ms | compile s | × compiled SGD | × fused LARS | GB/s | % of copy BW | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in report.rows:
+        share = None if row.bandwidth_share is None else 100 * row.bandwidth_share
+        compile_s = "" if row.compile_s is None else f"{row.compile_s:.1f}"
+        lines.append(
+            f"| {row.label} | {_cell(row.median_ms, '.3f')} | {_cell(row.iqr_ms, '.3f')} | {compile_s} "
+            f"| {_cell(row.vs_compiled_sgd, '.2f', '×')} | {_cell(row.vs_fused_lars, '.2f', '×')} "
+            f"| {_cell(row.bandwidth_gbs, '.1f')} | {_cell(share, '.1f', '%')} | {row.note} |"
+        )
+    return "\n".join(lines) + "\n"
