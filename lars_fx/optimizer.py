@@ -170,6 +170,10 @@ class LARS(Optimizer):
         self.state = optimizer.state
         self._lars_masks: list[list[bool]] = []
         self._refresh_lars_masks()
+        if fused:  # created here, not in step(), so a torch.compile'd training step sees it too
+            from .fused import FusedStep
+
+            self._fused_step = FusedStep(self)
 
     # -- groups and filter decisions ---------------------------------------------------------
 
@@ -268,11 +272,7 @@ class LARS(Optimizer):
         if self.skip_nonfinite and not self._all_finite():
             self.skipped_steps += 1
             return loss
-        if self.fused:
-            if self._fused_step is None:
-                from .fused import FusedStep
-
-                self._fused_step = FusedStep(self)
+        if self._fused_step is not None:
             self._fused_step()
         elif self._wraps_sgd:
             for group_index in range(len(self.param_groups)):

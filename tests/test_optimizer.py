@@ -117,14 +117,18 @@ def test_non_lars_parameter_gets_plain_sgd_without_weight_decay():
     torch.testing.assert_close(model.fc1.bias.detach(), before - 0.1 * grad)
 
 
-def test_user_gradients_are_left_untouched():
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("sgd_options", SGD_OPTIONS)
+def test_user_gradients_are_left_untouched(sgd_options, foreach):
     model = Block()
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2))
-    _random_grads(model, torch.Generator().manual_seed(0))
-    grads = [p.grad.clone() for p in model.parameters()]
-    opt.step()
-    for p, g in zip(model.parameters(), grads):
-        assert torch.equal(p.grad, g)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, **sgd_options), foreach=foreach)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        _random_grads(model, gen)
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for p, g in zip(model.parameters(), grads):
+            assert torch.equal(p.grad, g)
 
 
 def test_grouped_weight_decay_and_lr():

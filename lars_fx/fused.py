@@ -1,0 +1,280 @@
+"""``LARS(..., fused=True)``: the whole optimizer step as one compiled graph.
+
+The step of the wrapped ``torch.optim.SGD`` (its foreach form, every param group) is traced once into
+a canonical ATen graph (``make_fx`` + ``functionalize``, see ``lars_fx.passes.fx_canonicalize``), the
+``FX_PIPELINE`` passes rewrite it into LARS, and Inductor (``compile_fx``) compiles it. Later steps
+call the compiled artifact.
+
+A step that has to create momentum buffers (the first one, or the first after a parameter gets its
+first gradient) runs the eager LARS step instead, which creates them exactly as ``torch.optim.SGD``
+does: that spares compiling a graph that would run once.
+
+Each group's lr and momentum are graph inputs (0-d tensors refreshed from the param groups every
+step), so schedulers do not recompile. What the graph depends on structurally (which parameters have
+gradients, the tensors' shapes/strides/dtypes/devices, weight decay, whether momentum is on,
+dampening, nesterov, maximize, the filter's decisions) is the cache key; a new key compiles once.
+A graph the passes do not understand is logged with the diagnostic and that key runs the eager step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.optim.sgd import sgd
+
+from .passes.fx_canonicalize import canonicalize
+from .passes.fx_pipeline import run_pipeline
+from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
+
+if TYPE_CHECKING:
+    from .optimizer import LARS
+
+__all__ = ["FusedStep", "InspectReport", "inspect_step"]
+
+log = logging.getLogger("lars_fx.fused")
+
+
+@dataclass
+class _GroupPlan:
+    group_index: int
+    params: list[Tensor]
+    grads: list[Tensor]
+    buffers: list[Tensor]  # empty without momentum
+    mask: list[bool]
+    indices: list[int]
+    options: dict[str, Any]
+
+
+@dataclass
+class _StepPlan:
+    groups: list[_GroupPlan]
+    key: tuple
+
+    def inputs(self, hypers: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        flat: list[Tensor] = []
+        for group, (lr, momentum) in zip(self.groups, hypers, strict=True):
+            flat += [lr, momentum, *group.params, *group.grads, *group.buffers]
+        return flat
+
+
+@dataclass
+class _Compiled:
+    run: Callable[..., Any] | None  # None: this key falls back to the eager step
+    telemetry: list[tuple[int, list[int]]]
+
+
+@dataclass
+class InspectReport:
+    """What ``inspect_step`` saw: the graph at every stage, node counts, Inductor's kernel count."""
+
+    stages: list[tuple[str, str]] = field(default_factory=list)
+    node_counts: list[tuple[str, int]] = field(default_factory=list)
+    kernel_count: int | None = None
+    fallback: str | None = None
+
+
+def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
+    """What the step reads, and its cache key; None when a momentum buffer is still to be created
+    (unless ``zero_missing_buffers``: stand-ins of the right shape, for inspection)."""
+    groups, key = [], []
+    for group_index, group in enumerate(opt.param_groups):
+        params, grads, mask = opt._collect(group_index)
+        all_params = group["params"]
+        position = {id(p): i for i, p in enumerate(all_params)}
+        indices = [position[id(p)] for p in params]
+        momentum = group["momentum"]
+        buffers = [opt.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        if any(b is None for b in buffers):
+            if not zero_missing_buffers:
+                return None
+            buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers)]
+        options = {
+            "weight_decay": float(group["weight_decay"]),
+            "momentum": float(momentum),
+            "dampening": float(group["dampening"]),
+            "nesterov": bool(group["nesterov"]),
+            "maximize": bool(group["maximize"]),
+        }
+        groups.append(_GroupPlan(group_index, params, grads, buffers, mask, indices, options))
+        key.append(
+            (
+                tuple((id(p), p.shape, p.stride(), p.dtype, p.device, g.stride(), g.dtype) for p, g in zip(params, grads)),
+                tuple((b.stride(), b.dtype) for b in buffers),  # Inductor specialises on strides
+                tuple(mask),
+                options["weight_decay"],
+                options["momentum"] != 0,
+                options["dampening"],
+                options["nesterov"],
+                options["maximize"],
+            )
+        )
+    return _StepPlan(groups, tuple(key))
+
+
+def _step_function(plan: _StepPlan) -> Callable[..., None]:
+    """The wrapped SGD's step over the flat inputs ``[lr, momentum, params, grads, buffers]*groups``."""
+
+    def step(*flat: Tensor) -> None:
+        offset = 0
+        for group in plan.groups:
+            n, lr = len(group.params), flat[offset]
+            params = list(flat[offset + 2 : offset + 2 + n])
+            grads = list(flat[offset + 2 + n : offset + 2 + 2 * n])
+            buffers = list(flat[offset + 2 + 2 * n : offset + 2 + 2 * n + len(group.buffers)]) or [None] * n
+            offset += 2 + 2 * n + len(group.buffers)
+            if n:
+                sgd(params, grads, buffers, foreach=True, lr=lr, **group.options)
+
+    return step
+
+
+def _request(opt: LARS, plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsRequest:
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params: dict[str, ParamRole] = {}
+    momentum_inputs: dict[int, str] = {}
+    offset = 0
+    for group in plan.groups:
+        n = len(group.params)
+        momentum_inputs[group.group_index] = names[offset + 1]
+        for k, (index, use_lars) in enumerate(zip(group.indices, group.mask)):
+            params[names[offset + 2 + k]] = ParamRole(group.group_index, index, use_lars)
+        offset += 2 + 2 * n + len(group.buffers)
+    return LarsRequest(
+        params=params,
+        coefficient=opt.coefficient,
+        epsilon=opt.epsilon,
+        use_clip=opt.use_clip,
+        unit_trust_on_zero_norm=opt.unit_trust_on_zero_norm,
+        lr_inside_momentum=opt.lr_inside_momentum,
+        momentum_inputs=momentum_inputs,
+        telemetry=opt.telemetry is not None,
+    )
+
+
+class FusedStep:
+    """The compiled LARS step of one ``LARS`` optimizer over ``torch.optim.SGD`` (see the module docstring).
+
+    ``compile_count`` counts captures (one per cache key, compiled or fallen back); ``fallback`` holds
+    the last diagnostic that sent a configuration to the eager path (None if none did).
+    """
+
+    def __init__(self, opt: LARS) -> None:
+        self.opt = opt
+        self.compile_count = 0
+        self.fallback: str | None = None
+        self._cache: dict[tuple, _Compiled] = {}
+        self._hypers: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _hyper_tensors(self, plan: _StepPlan) -> list[tuple[Tensor, Tensor]]:
+        hypers = []
+        for group in plan.groups:
+            settings = self.opt.param_groups[group.group_index]
+            device = group.params[0].device if group.params else torch.device("cpu")
+            lr, momentum = self._hypers.get(group.group_index, (None, None))
+            if lr is None or lr.device != device:
+                lr = torch.zeros((), dtype=torch.float64, device=device)
+                momentum = torch.zeros((), dtype=torch.float64, device=device)
+                self._hypers[group.group_index] = (lr, momentum)
+            if isinstance(settings["lr"], Tensor):
+                lr.copy_(settings["lr"])
+            else:
+                lr.fill_(settings["lr"])
+            momentum.fill_(settings["momentum"])
+            hypers.append((lr, momentum))
+        return hypers
+
+    def _compile(self, plan: _StepPlan, inputs: list[Tensor]) -> _Compiled:
+        from torch._inductor.compile_fx import compile_fx
+
+        tag = f"fused{self.compile_count}"
+        self.compile_count += 1
+        try:
+            gm = canonicalize(_step_function(plan), inputs)
+            request = _request(self.opt, plan, gm)
+            gm, _ = run_pipeline(gm, request, tag=tag)
+        except PatternMismatch as error:
+            self.fallback = str(error)
+            log.warning("lars-fx: fused step falls back to the eager LARS step for this configuration: %s", error)
+            return _Compiled(None, [])
+        with torch.no_grad():
+            run = compile_fx(gm, inputs)
+        return _Compiled(run, request.telemetry_outputs)
+
+    @torch.compiler.disable  # inside a torch.compile'd training step, run the already compiled step
+    @torch.no_grad()
+    def __call__(self) -> None:
+        opt = self.opt
+        plan = _plan(opt)
+        compiled = None
+        if plan is not None and any(group.params for group in plan.groups):
+            inputs = plan.inputs(self._hyper_tensors(plan))
+            compiled = self._cache.get(plan.key)
+            if compiled is None:
+                compiled = self._cache[plan.key] = self._compile(plan, inputs)
+        if compiled is None or compiled.run is None:
+            for group_index in range(len(opt.param_groups)):
+                opt._sgd_group_step(group_index)
+            return
+        outputs = compiled.run(*inputs)
+        if opt.telemetry is not None:
+            self._record(plan, compiled, list(outputs))
+
+    def _record(self, plan: _StepPlan, compiled: _Compiled, outputs: list[Tensor]) -> None:
+        per_group: dict[int, list[tuple[list[int], Tensor, Tensor, Tensor]]] = {}
+        for b, (group_index, indices) in enumerate(compiled.telemetry):
+            per_group.setdefault(group_index, []).append((indices, *outputs[3 * b : 3 * b + 3]))
+        for group_index, batches in per_group.items():
+            group = plan.groups[group_index]
+            by_index = dict(zip(group.indices, group.params))
+            if len(batches) == 1:
+                indices, w_norm, g_norm, ratio = batches[0]
+            else:  # several batches in one group (per tensor on CPU, or several dtypes): input order
+                indices = [i for batch in batches for i in batch[0]]
+                order = sorted(range(len(indices)), key=indices.__getitem__)
+                device = batches[0][1].device
+                dtype = functools.reduce(torch.promote_types, [batch[1].dtype for batch in batches])
+                order_tensor = torch.tensor(order, device=device)
+
+                def gather(column: int) -> Tensor:
+                    return torch.cat([batch[column].to(device=device, dtype=dtype) for batch in batches])[order_tensor]
+
+                w_norm, g_norm, ratio = gather(1), gather(2), gather(3)
+                indices = sorted(indices)
+            self.opt.telemetry.record(self.opt, group_index, [by_index[i] for i in indices], w_norm, g_norm, ratio)
+
+
+def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
+    """Trace ``opt``'s compiled step (gradients must be set), run the passes, and report every stage.
+
+    Nothing is stepped; missing momentum buffers are stood in by zeros (the graph is the same). ``compile=True`` also compiles the result with Inductor (its cache off) to count
+    the kernels it generates; ``kernel_count`` stays None otherwise.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor import metrics
+    from torch._inductor.compile_fx import compile_fx
+
+    plan = _plan(opt, zero_missing_buffers=True)
+    if not any(group.params for group in plan.groups):
+        raise ValueError("inspect_step needs gradients: run a backward pass before inspecting the step")
+    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))
+    report = InspectReport()
+    gm = canonicalize(_step_function(plan), inputs)
+    try:
+        gm, stages = run_pipeline(gm, _request(opt, plan, gm), tag="inspect")
+    except PatternMismatch as error:
+        report.fallback = str(error)
+        return report
+    report.stages = [(stage.name, stage.text) for stage in stages]
+    report.node_counts = [(stage.name, stage.node_count) for stage in stages]
+    if compile:
+        metrics.reset()
+        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
+            compile_fx(gm, inputs)
+        report.kernel_count = metrics.generated_kernel_count
+    return report

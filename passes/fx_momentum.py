@@ -1,0 +1,87 @@
+"""Momentum: make SGD's momentum update consume the LARS-scaled gradient.
+
+Pattern: the ``SgdUpdate`` records of ``match_sgd_update`` (with coefficients from
+``insert_trust_ratio`` for LARS parameters).
+Rewrite, per parameter, where SGD's update read its weight-decayed gradient ``d``:
+
+* LARS parameter: ``u = lars_scaled_gradient(w, g', coeff, weight_decay)`` = ``coeff * (g' + wd * w)``
+  in the compute dtype, cast back to the parameter's dtype; other parameters: ``u = g'`` (no weight
+  decay, as ``lars_fx.LARS``).
+* MindSpore's form (default): SGD's buffer / nesterov / update nodes read ``u`` instead of ``d``.
+* ``lr_inside_momentum`` (the paper's form): they read ``lr * u`` and ``w' = w - dir`` replaces
+  ``w' = w - lr * dir``.
+* A group with a momentum input (``LarsRequest.momentum_inputs``) multiplies by that tensor instead of
+  the constant the graph was traced with, so a momentum schedule does not recompile.
+* SGD's foreach nesterov writes its direction into ``.grad``; that write is dropped.
+Then dead code (SGD's own weight decay) is removed and the graph is re-sorted topologically, so the
+update nodes follow the norms they now depend on.
+Preconditions: ``match_sgd_update`` and ``insert_trust_ratio`` ran.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import Tensor
+from torch._inductor.pattern_matcher import stable_topological_sort
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from lars_fx.functional import compute_dtype
+
+from .fx_norms import write_back_point
+from .fx_spec import PatternMismatch, request_of
+
+__all__ = ["RewriteMomentum", "lars_scaled_gradient"]
+
+aten = torch.ops.aten
+
+
+def lars_scaled_gradient(param: Tensor, grad: Tensor, coeff: Tensor, weight_decay: float) -> Tensor:
+    """``coeff * (grad + weight_decay * param)`` in the compute dtype, in ``grad``'s dtype."""
+    dtype = compute_dtype(param.dtype)
+    scaled = grad.to(dtype)
+    if weight_decay != 0:
+        scaled = scaled + weight_decay * param.to(dtype)
+    return (coeff * scaled).to(grad.dtype)
+
+
+class RewriteMomentum(PassBase):
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        request = request_of(gm, "rewrite_momentum")
+        graph = gm.graph
+        placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+        for update in request.updates:
+            # Right after the coefficient, so the update follows its own batch's norms (see fx_norms).
+            anchor = update.coefficient.next if update.coefficient is not None else write_back_point(graph)
+            with graph.inserting_before(anchor):
+                if update.role.use_lars:
+                    if update.coefficient is None:
+                        raise PatternMismatch(update.param, "LARS parameter", "insert_trust_ratio must run first")
+                    scaled = graph.call_function(
+                        lars_scaled_gradient, (update.param, update.grad, update.coefficient, update.weight_decay)
+                    )
+                else:
+                    scaled = update.grad
+                velocity_input = graph.call_function(torch.mul, (scaled, update.lr)) if request.lr_inside_momentum else scaled
+                momentum = placeholders.get(request.momentum_inputs.get(update.role.group_index, ""))
+                if momentum is not None and update.buffer_mul is not None:
+                    update.buffer_mul.args = (update.buffer_mul.args[0], momentum)
+                if momentum is not None and update.nesterov_add is not None:
+                    weighted = graph.call_function(aten.mul.Tensor, (update.nesterov_add.args[1], momentum))
+                    update.nesterov_add.args = (update.nesterov_add.args[0], weighted)
+                    update.nesterov_add.kwargs = {}
+                if request.lr_inside_momentum:
+                    direction = velocity_input if update.direction is update.decayed else update.direction
+                    new_param = graph.call_function(torch.sub, (update.param, direction))
+                    update.new_param.replace_all_uses_with(new_param)
+                    update.new_param = new_param
+            consumers = update.consumers
+            for consumer in consumers:
+                consumer.replace_input_with(update.decayed, velocity_input)
+        for write in request.grad_writes:
+            graph.erase_node(write)
+        stable_topological_sort(graph)
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)

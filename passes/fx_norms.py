@@ -1,0 +1,69 @@
+"""Norm: insert the squared norms of ``w`` and ``g`` of every LARS parameter, batched.
+
+Pattern: the ``SgdUpdate`` records of ``match_sgd_update`` whose parameter gets LARS.
+Rewrite: per batch (one param group, one device, one compute dtype; float32 for half-precision
+parameters, as ``lars_fx.functional.compute_dtype``) two nodes ``squared_norms([w...], dtype)`` and
+``squared_norms([g'...], dtype)``, each one horizontal reduction over the batch's tensors producing a
+vector (``g'`` is the gradient after ``maximize``; its norm is that of ``g``). Inserted just before the
+graph's first write-back (``copy_``), so they read the parameters before the step writes them.
+On the devices in ``per_tensor_devices`` (default: CPU) a batch is one tensor: Inductor's C++ backend
+emits the whole step as one kernel anyway, and a tensor's update then runs right after its own
+reductions and re-reads ``w`` and ``g`` from cache (measured on ResNet-50's shapes, 2 cores: 16.2 ms
+against 18.6 ms per step with one batch per group). On GPUs one batch per group keeps the kernels few.
+Preconditions: ``match_sgd_update`` ran; placeholders carry ``meta["val"]`` (``make_fx`` sets it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import Tensor
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from lars_fx.functional import compute_dtype
+
+from .fx_spec import LarsBatch, PatternMismatch, request_of
+
+__all__ = ["InsertLarsNorms", "squared_norms", "write_back_point"]
+
+
+def squared_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``[sum(t**2) for t in tensors]`` in ``dtype`` as one vector: one horizontal reduction."""
+    return torch.stack([torch.sum(torch.square(t.to(dtype))) for t in tensors])
+
+
+def write_back_point(graph: torch.fx.Graph) -> torch.fx.Node:
+    """The first ``copy_`` into a graph input (or the output): new subgraphs go before it."""
+    for node in graph.nodes:
+        if node.op == "output" or (node.op == "call_function" and node.target is torch.ops.aten.copy_.default):
+            return node
+    raise AssertionError("a graph always has an output node")
+
+
+class InsertLarsNorms(PassBase):
+    def __init__(self, per_tensor_devices: tuple[str, ...] = ("cpu",)) -> None:
+        super().__init__()
+        self.per_tensor_devices = per_tensor_devices
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        request = request_of(gm, "insert_lars_norms")
+        batches: dict[tuple, LarsBatch] = {}
+        for update in request.updates:
+            if not update.role.use_lars:
+                continue
+            value = update.param.meta.get("val")
+            if not isinstance(value, Tensor):
+                raise PatternMismatch(update.param, "LARS parameter", "placeholder has no meta['val'] (trace it with make_fx)")
+            key = (update.role.group_index, value.device, compute_dtype(value.dtype))
+            if value.device.type in self.per_tensor_devices:
+                key += (update.param.name,)
+            batch = batches.setdefault(key, LarsBatch(update.role.group_index, compute_dtype(value.dtype), []))
+            batch.updates.append(update)
+        with gm.graph.inserting_before(write_back_point(gm.graph)):
+            for batch in batches.values():
+                dtype = batch.compute_dtype
+                batch.w_sq_norm = gm.graph.call_function(squared_norms, ([u.param for u in batch.updates], dtype))
+                batch.g_sq_norm = gm.graph.call_function(squared_norms, ([u.grad for u in batch.updates], dtype))
+        request.batches = list(batches.values())
+        gm.recompile()
+        return PassResult(gm, bool(batches))

@@ -1,0 +1,330 @@
+"""``LARS(..., fused=True)`` (captured, rewritten by the FX passes, compiled by Inductor) against the
+float64 reference ``lars_fx.functional.lars_sgd_reference``, over >= 10 steps with fresh gradients."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import lars_fx
+from lars_fx.functional import lars_sgd_reference
+from lars_fx.fused import inspect_step
+from lars_fx.passes.fx_pipeline import pipeline_names
+
+STEPS = 10
+
+
+class Recorder:
+    """A stand-in telemetry sink: keeps what the optimizer hands it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def record(self, optimizer, group_index, params, w_norm, g_norm, trust_ratio):
+        self.calls.append((group_index, list(params), w_norm.clone(), g_norm.clone(), trust_ratio.clone()))
+
+
+def tiny_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+
+
+class Oracle:
+    """The reference, in float64, over copies of an optimizer's parameters."""
+
+    def __init__(self, opt: lars_fx.LARS):
+        self.opt = opt
+        self.copies = {p: p.detach().to(torch.float64).clone() for g in opt.param_groups for p in g["params"]}
+        self.buffers = {}
+        self.grads = {}
+
+    def read_grads(self):
+        """Call before opt.step(): torch's foreach nesterov writes into .grad (of non-LARS params here)."""
+        self.grads = {p: p.grad.to(torch.float64) for p in self.copies if p.grad is not None}
+
+    def step(self):
+        opt = self.opt
+        for group_index, group in enumerate(opt.param_groups):
+            mask = opt.lars_mask(group_index)
+            chosen = [(p, m) for p, m in zip(group["params"], mask) if p in self.grads]
+            if not chosen:
+                continue
+            params = [self.copies[p] for p, _ in chosen]
+            momentum = group["momentum"]
+            new = lars_sgd_reference(
+                params, [self.grads[p] for p, _ in chosen],
+                [self.buffers.get(p) if momentum != 0 else None for p, _ in chosen], [m for _, m in chosen],
+                lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=momentum,
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                coefficient=opt.coefficient, epsilon=opt.epsilon, use_clip=opt.use_clip,
+                unit_trust_on_zero_norm=opt.unit_trust_on_zero_norm, lr_inside_momentum=opt.lr_inside_momentum,
+            )
+            for (p, _), buf in zip(chosen, new):
+                if buf is not None:
+                    self.buffers[p] = buf
+
+    def check(self, rtol=2e-5, atol=1e-6):
+        for p, want in self.copies.items():
+            torch.testing.assert_close(p.detach().to(torch.float64), want, rtol=rtol, atol=atol)
+        for p, want in self.buffers.items():
+            torch.testing.assert_close(self.opt.state[p]["momentum_buffer"].to(torch.float64), want, rtol=rtol, atol=atol)
+
+
+def set_grads(model, seed, skip=()):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.grad = None if name in skip else torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def run(opt, model, steps=STEPS, before_step=None, skip=(), tolerance=None, oracle=None):
+    oracle = oracle or Oracle(opt)
+    for step in range(steps):
+        set_grads(model, 1000 + step, skip)
+        if before_step is not None:
+            before_step(step)
+        oracle.read_grads()
+        opt.step()
+        oracle.step()
+        oracle.check(**(tolerance or {}))
+    return oracle
+
+
+SGD_OPTIONS = {
+    "momentum": dict(lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "no_momentum": dict(lr=0.1, momentum=0.0, weight_decay=5e-3),
+    "dampening_maximize": dict(lr=0.05, momentum=0.8, dampening=0.2, weight_decay=1e-3, maximize=True),
+    "nesterov": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "no_weight_decay": dict(lr=0.2, momentum=0.5),
+}
+
+
+@pytest.mark.parametrize("name", SGD_OPTIONS)
+def test_sgd_options(name):
+    model = tiny_model()
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), **SGD_OPTIONS[name]), coefficient=0.02, fused=True)
+    run(opt, model)
+    fused = opt._fused_step
+    assert fused.fallback is None
+    assert fused.compile_count == 1  # a first step that creates momentum buffers runs eagerly
+
+
+@pytest.mark.parametrize("lars_option", ["use_clip", "lr_inside_momentum"])
+def test_scheduler_does_not_recompile(lars_option):
+    model = tiny_model(1)
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
+    opt = lars_fx.LARS(sgd, coefficient=0.05, fused=True, **{lars_option: True})
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+    run(opt, model, before_step=lambda step: scheduler.step() if step else None)
+    assert opt.param_groups[0]["lr"] < 0.5 * 0.7**8
+    assert opt._fused_step.compile_count == 1
+
+
+def test_momentum_schedule_does_not_recompile():
+    model = tiny_model(2)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+
+    def change_momentum(step):
+        opt.param_groups[0]["momentum"] = 0.5 + 0.04 * step
+
+    run(opt, model, before_step=change_momentum)
+    assert opt._fused_step.compile_count == 1
+
+
+@pytest.mark.parametrize("unit", [False, True])
+def test_zero_norms_and_unit_trust(unit):
+    model = tiny_model(3)
+    with torch.no_grad():
+        model[0].weight.zero_()  # stays zero under MindSpore's rule, moves with unit trust
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+        coefficient=0.02, unit_trust_on_zero_norm=unit, fused=True,
+    )
+
+    def zero_gradient(step):
+        if step in (2, 5):
+            model[2].weight.grad.zero_()
+
+    run(opt, model, before_step=zero_gradient)
+    assert opt._fused_step.compile_count == 1
+    assert (torch.count_nonzero(model[0].weight) == 0) != unit
+
+
+def test_params_without_grad_and_a_new_group():
+    model = tiny_model(4)
+    named = list(model.named_parameters())
+    sgd = torch.optim.SGD(named[:2], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = lars_fx.LARS(sgd, coefficient=0.02, lars_filter=lambda p: True, fused=True)
+    oracle = run(opt, model, steps=3, skip={"0.bias"})
+    assert opt.state[model[0].bias] == {}
+    run(opt, model, steps=3, oracle=oracle)  # 0.bias gets gradients now: its buffer is created
+    count = opt._fused_step.compile_count
+    opt.add_param_group({"params": named[2:], "lr": 0.3, "weight_decay": 0.0, "momentum": 0.5})
+    oracle.copies.update({p: p.detach().double().clone() for _, p in named[2:]})
+    run(opt, model, steps=3, oracle=oracle)
+    assert opt._fused_step.compile_count == count + 1
+
+
+def test_mixed_dtypes():
+    model = tiny_model(5)
+    model[2].to(torch.float64)
+    model[0].bias.data = model[0].bias.data.to(torch.bfloat16)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+        coefficient=0.02, lars_filter=lambda p: True, fused=True,
+    )
+    run(opt, model, tolerance=dict(rtol=2e-2, atol=2e-3))  # bf16 rounding of the bias
+
+
+def test_non_contiguous_gradients_compile_their_own_graph():
+    model = tiny_model(11)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+
+    def transpose_gradient(step):
+        if step >= 5:  # same values, other strides: Inductor's kernel must not be reused
+            weight = model[0].weight
+            weight.grad = weight.grad.t().contiguous().t()
+
+    run(opt, model, before_step=transpose_gradient)
+    assert opt._fused_step.compile_count == 2
+
+
+def test_inside_a_compiled_training_step():
+    model = tiny_model(12)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+
+    @torch.compile
+    def train_step():
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    oracle = Oracle(opt)
+    for _ in range(4):
+        train_step()
+        # replay the step's gradient (recomputed from the weights before the step) on the oracle
+        with torch.no_grad():
+            before = {p: oracle.copies[p].to(p.dtype) for p in oracle.copies}
+        probe = tiny_model(12)
+        probe.load_state_dict({n: before[p] for (n, _), p in zip(probe.named_parameters(), model.parameters())})
+        probe(x).square().mean().backward()
+        oracle.grads = {p: q.grad.double() for p, q in zip(model.parameters(), probe.parameters())}
+        oracle.step()
+        oracle.check(rtol=1e-4, atol=1e-6)
+    assert opt._fused_step.compile_count == 1
+
+
+def test_state_dict_load_into_fused():
+    model = tiny_model(6)
+    options = dict(lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), **options), coefficient=0.02, fused=True)
+    run(opt, model, steps=4)
+    state = copy.deepcopy(opt.state_dict())  # a live state dict shares its buffers with `opt`
+    restored_model = tiny_model(99)
+    restored_model.load_state_dict(model.state_dict())
+    restored = lars_fx.LARS(
+        torch.optim.SGD(restored_model.named_parameters(), **options), coefficient=0.02, fused=True
+    )
+    restored.load_state_dict(state)
+    for step in range(6):
+        set_grads(model, step)
+        set_grads(restored_model, step)
+        opt.step()
+        restored.step()
+    for a, b in zip(model.parameters(), restored_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert restored._fused_step.compile_count == 1  # buffers came with the state: compiled from step 1
+
+
+def test_telemetry_matches_eager():
+    recorders = []
+    for fused in (True, False):
+        model = tiny_model(7)
+        opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), fused=fused)
+        opt.telemetry = Recorder()
+        for step in range(3):
+            set_grads(model, step)
+            opt.step()
+        recorders.append(opt.telemetry)
+    fused_calls, eager_calls = (r.calls for r in recorders)
+    assert len(fused_calls) == len(eager_calls) == 3
+    for (gi, params, *values), (gi_e, params_e, *values_e) in zip(fused_calls, eager_calls):
+        assert gi == gi_e and [p.shape for p in params] == [p.shape for p in params_e]
+        for got, want in zip(values, values_e):
+            torch.testing.assert_close(got, want)
+
+
+def test_unknown_graph_falls_back_to_eager(monkeypatch, caplog):
+    monkeypatch.setenv("LARS_FX_DISABLE", "insert_lars_norms")
+    model = tiny_model(8)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    with caplog.at_level(logging.WARNING, logger="lars_fx.fused"):
+        run(opt, model, steps=3)
+    assert "falls back to the eager LARS step" in caplog.text
+    assert "insert_trust_ratio must run first" in opt._fused_step.fallback
+
+
+def test_inspect_step_reports_every_stage():
+    model = tiny_model(9)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), fused=True)
+    with pytest.raises(ValueError, match="gradients"):
+        inspect_step(opt)
+    set_grads(model, 0)
+    before = [p.clone() for p in model.parameters()]
+    report = inspect_step(opt)
+    assert [name for name, _ in report.stages] == ["captured", *pipeline_names()]
+    assert "trust_ratio" in report.stages[-1][1] and "trust_ratio" not in report.stages[0][1]
+    assert report.node_counts[-1][1] > report.node_counts[0][1]
+    assert report.kernel_count is not None and report.kernel_count > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing stepped
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_on_gpu(dtype):
+    model = tiny_model(10).to("cuda", dtype)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+        coefficient=0.02, use_clip=True, fused=True,
+    )
+    tolerance = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else None
+    oracle = Oracle(opt)
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(step)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
+        oracle.read_grads()
+        opt.step()
+        oracle.step()
+        if dtype == torch.bfloat16:  # the oracle tracks bf16 rounding only approximately: re-anchor it
+            oracle.check(**tolerance)
+            oracle.copies = {p: p.detach().double().clone() for p in oracle.copies}
+            oracle.buffers = {p: opt.state[p]["momentum_buffer"].double().clone() for p in oracle.buffers}
+        else:
+            oracle.check()
+    assert opt._fused_step.fallback is None
+
+
+def _mindspore_replay_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "test_mindspore_replay.py"
+    spec = importlib.util.spec_from_file_location("lars_fx_tests_mindspore_replay", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MINDSPORE = _mindspore_replay_module()
+
+
+@pytest.mark.parametrize("name", MINDSPORE.SCENARIOS)
+def test_mindspore_replay_through_fused(name):
+    """The MindSpore 2.10 trajectories of the foundation issue, through LARS(..., fused=True)."""
+    MINDSPORE._replay(name, fused=True)
