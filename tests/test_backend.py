@@ -11,6 +11,8 @@ import lars_fx
 from lars_fx.backend import lars_fx_backend
 from lars_fx.functional import lars_sgd_reference
 
+import mindspore_replay
+
 STEPS = 10
 
 
@@ -154,46 +156,21 @@ def test_backend_on_gpu(dtype):
     run_against_reference(model, sgd, step, options, steps=STEPS if dtype == torch.float32 else 3, **tolerance)
 
 
-def _mindspore_replay_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent / "test_mindspore_replay.py"
-    spec = importlib.util.spec_from_file_location("lars_fx_tests_mindspore_replay", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MINDSPORE = _mindspore_replay_module()
-
-
-@pytest.mark.parametrize("name", MINDSPORE.SCENARIOS)
+@pytest.mark.parametrize("name", mindspore_replay.SCENARIOS)
 def test_mindspore_replay_through_backend(name):
     """The MindSpore 2.10 trajectories of the foundation issue, through backend="lars_fx" on plain SGD."""
-    import json
-
-    scenario = json.loads((MINDSPORE.FIXTURES / f"{name}.json").read_text())
+    scenario, model = mindspore_replay.load(name)
     hp = scenario["hyperparameters"]
-    model = MINDSPORE.MLP(scenario["model"])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(torch.tensor(scenario["initial_params"][n]))
     lrs = hp["lr_per_step"]
-    sgd = torch.optim.SGD(MINDSPORE._param_groups(model, scenario), lr=torch.tensor(lrs[0]), momentum=hp["momentum"])
+    groups = mindspore_replay.param_groups(model, scenario)
+    sgd = torch.optim.SGD(groups, lr=torch.tensor(lrs[0]), momentum=hp["momentum"])
     options = {"epsilon": hp["epsilon"], "coefficient": hp["coefficient"], "use_clip": hp["use_clip"]}
-    if name in MINDSPORE.CUSTOM_FILTERS:
-        options["lars_filter"] = MINDSPORE.CUSTOM_FILTERS[name]
+    if name in mindspore_replay.CUSTOM_FILTERS:
+        options["lars_filter"] = mindspore_replay.CUSTOM_FILTERS[name]
     step = torch.compile(sgd.step, backend="lars_fx", options=options)
-    for index, record in enumerate(scenario["steps"]):
+
+    def set_lr(index):
         for group in sgd.param_groups:
-            group["lr"].fill_(lrs[min(index, len(lrs) - 1)])
-        loss = torch.nn.functional.mse_loss(model(torch.tensor(record["x"])), torch.tensor(record["y"]))
-        sgd.zero_grad()
-        loss.backward()
-        step()
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(
-                p.detach(), torch.tensor(record["params_after"][n]), rtol=2e-4, atol=1e-6,
-                msg=lambda m: f"{name}, step {record['step']}, {n}: {m}",
-            )
+            group["lr"].fill_(lrs[index])
+
+    mindspore_replay.run(name, scenario, model, step, set_lr)

@@ -14,6 +14,7 @@ import lars_fx
 from lars_fx.functional import lars_sgd_reference
 from lars_fx.fused import inspect_step
 from lars_fx.passes.fx_pipeline import pipeline_names
+from mindspore_replay import SCENARIOS, replay_lars
 
 STEPS = 10
 
@@ -310,21 +311,7 @@ def test_fused_on_gpu(dtype):
     assert opt._fused_step.fallback is None
 
 
-def _mindspore_replay_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent / "test_mindspore_replay.py"
-    spec = importlib.util.spec_from_file_location("lars_fx_tests_mindspore_replay", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MINDSPORE = _mindspore_replay_module()
-
-
-@pytest.mark.parametrize("name", MINDSPORE.SCENARIOS)
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_mindspore_replay_through_fused(name):
     """The MindSpore 2.10 trajectories of the foundation issue, through LARS(..., fused=True)."""
-    MINDSPORE._replay(name, fused=True)
+    replay_lars(name, fused=True)
