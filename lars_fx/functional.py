@@ -75,7 +75,9 @@ def trust_ratio(
     if use_clip:
         if lr is None:
             raise ValueError("trust_ratio: use_clip=True needs the learning rate `lr`")
-        coeff = torch.clamp(coeff / lr, 0.0, 1.0)
+        # 0/0 at lr = 0 for a zero coefficient: take the limit lr -> 0+, which is 0, not NaN.
+        ratio = coeff / lr
+        coeff = torch.clamp(torch.where(coeff == 0, torch.zeros_like(ratio), ratio), 0.0, 1.0)
     return coeff
 
 

@@ -34,6 +34,16 @@ def test_clip_divides_by_lr_and_clamps_to_unit_interval(lr):
     assert clipped[0] == 1.0 and clipped[1] == 0.0
 
 
+def test_clip_at_zero_lr_keeps_a_zero_coefficient_finite():
+    w_norm = torch.tensor([0.0, 2.0])
+    g_norm = torch.tensor([1.0, 1.0])
+    clipped = F.trust_ratio(w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5, use_clip=True, lr=0.0)
+    assert clipped.tolist() == [0.0, 1.0]
+    nan_grad = F.trust_ratio(w_norm, torch.tensor([float("nan")] * 2), weight_decay=0.0, coefficient=0.5, epsilon=1e-5,
+                             use_clip=True, lr=0.1)
+    assert nan_grad.isnan().all()  # non-finite gradients still propagate
+
+
 def test_use_clip_without_lr_is_an_error():
     with pytest.raises(ValueError, match="lr"):
         F.trust_ratio(torch.tensor(1.0), torch.tensor(1.0), weight_decay=0.0, coefficient=0.1, epsilon=1e-5, use_clip=True)
