@@ -74,7 +74,7 @@ def test_run_benchmark_rows_and_table() -> None:
 
 @pytest.mark.parametrize("warmup", [0, 1], ids=["fails-when-timed", "fails-in-warmup"])
 def test_failing_peer_is_a_row_note(monkeypatch: pytest.MonkeyPatch, warmup: int) -> None:
-    import lars_fx.bench as bench
+    import lars_fx.bench.peers as bench
 
     def broken_step() -> None:
         raise RuntimeError("capture failed\nsecond line")
@@ -91,7 +91,7 @@ def test_failing_peer_is_a_row_note(monkeypatch: pytest.MonkeyPatch, warmup: int
 
 
 def test_ratios_and_compile_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lars_fx.bench as bench
+    import lars_fx.bench.peers as bench
 
     # Stand-ins for the two reference peers, without paying Inductor's compile time.
     monkeypatch.setitem(
