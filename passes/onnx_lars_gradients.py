@@ -120,12 +120,17 @@ class _Symbol:
     def __and__(self, other: Any) -> _Symbol:
         return self._op("And", self.value, self._lift(other))
 
+    def __eq__(self, other: Any) -> _Symbol:  # type: ignore[override]
+        return self._op("Equal", self.value, self._lift(other))
+
+    __hash__ = object.__hash__
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
         kwargs = kwargs or {}
         symbol = next(a for a in (*args, *kwargs.values()) if isinstance(a, _Symbol))
-        if func is torch.ones_like and len(args) == 1 and not kwargs:
-            return _Symbol(symbol._constants(1.0), symbol._tape, symbol._constants)
+        if func in (torch.ones_like, torch.zeros_like) and len(args) == 1 and not kwargs:
+            return _Symbol(symbol._constants(1.0 if func is torch.ones_like else 0.0), symbol._tape, symbol._constants)
         if func is torch.where and len(args) == 3 and not kwargs:
             condition, a, b = (symbol._lift(x) for x in args)
             return symbol._op("Where", condition, a, b)
