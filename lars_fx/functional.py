@@ -41,6 +41,7 @@ __all__ = [
     "LarsGradients",
     "lars_gradients_foreach",
     "LarsNorms",
+    "NormCollector",
     "lars_sgd_foreach",
 ]
 
@@ -214,8 +215,8 @@ class LarsGradients(NamedTuple):
     norms: LarsNorms
 
 
-class _NormCollector:
-    """Gathers per-(device, dtype) norm vectors and returns them in input order."""
+class NormCollector:
+    """Gathers norm vectors computed in batches (per device and dtype) and returns them in input order."""
 
     def __init__(self) -> None:
         self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
@@ -229,14 +230,17 @@ class _NormCollector:
         if not self.parts:
             empty = torch.empty(0)
             return LarsNorms(empty, empty, empty)
-        if len(self.parts) == 1:
+        in_order = self.positions == sorted(self.positions)
+        if len(self.parts) == 1 and in_order:
             return LarsNorms(*self.parts[0])
         device = self.parts[0][0].device
-        order = torch.argsort(torch.tensor(self.positions, device=device))
         columns = []
         for column in zip(*self.parts):
             dtype = functools.reduce(torch.promote_types, [c.dtype for c in column])
-            columns.append(torch.cat([c.to(device=device, dtype=dtype) for c in column])[order])
+            columns.append(torch.cat([c.to(device=device, dtype=dtype) for c in column]))
+        if not in_order:
+            order = torch.argsort(torch.tensor(self.positions, device=device))
+            columns = [c[order] for c in columns]
         return LarsNorms(*columns)
 
 
@@ -285,7 +289,7 @@ def lars_gradients_foreach(
                    unit_trust_on_zero_norm=unit_trust_on_zero_norm)
     updates = [(-g if maximize else g) if not use_lars else g for g, use_lars in zip(grads, lars_mask, strict=True)]
     lars_index = [i for i, use_lars in enumerate(lars_mask) if use_lars]
-    norms = _NormCollector()
+    norms = NormCollector()
     if lars_index:
         lars_tensors = [[params[i] for i in lars_index], [grads[i] for i in lars_index]]
         grouped = _group_tensors_by_device_and_dtype(lars_tensors, with_indices=True)
@@ -326,7 +330,7 @@ def lars_sgd_foreach(
     sign = -1.0 if maximize else 1.0
     options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
                    unit_trust_on_zero_norm=unit_trust_on_zero_norm)
-    norms = _NormCollector()
+    norms = NormCollector()
     lars_rank = {i: rank for rank, i in enumerate(i for i, use_lars in enumerate(lars_mask) if use_lars)}
     grouped = _group_tensors_by_device_and_dtype([list(params), list(grads)], with_indices=True)
     for (device, dtype), ((ws, gs), indices) in grouped.items():

@@ -18,7 +18,6 @@ A graph the passes do not understand is logged with the diagnostic and that key 
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
+from .functional import NormCollector
 from .passes.fx_canonicalize import canonicalize
 from .passes.fx_pipeline import run_pipeline
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
@@ -232,20 +232,11 @@ class FusedStep:
         for group_index, batches in per_group.items():
             group = plan.groups[group_index]
             by_index = dict(zip(group.indices, group.params))
-            if len(batches) == 1:
-                indices, w_norm, g_norm, ratio = batches[0]
-            else:  # several batches in one group (per tensor on CPU, or several dtypes): input order
-                indices = [i for batch in batches for i in batch[0]]
-                order = sorted(range(len(indices)), key=indices.__getitem__)
-                device = batches[0][1].device
-                dtype = functools.reduce(torch.promote_types, [batch[1].dtype for batch in batches])
-                order_tensor = torch.tensor(order, device=device)
-
-                def gather(column: int) -> Tensor:
-                    return torch.cat([batch[column].to(device=device, dtype=dtype) for batch in batches])[order_tensor]
-
-                w_norm, g_norm, ratio = gather(1), gather(2), gather(3)
-                indices = sorted(indices)
+            norms = NormCollector()  # several batches in one group (per tensor on CPU, or several dtypes)
+            for batch in batches:
+                norms.add(*batch)
+            w_norm, g_norm, ratio = norms.result()
+            indices = sorted(i for batch in batches for i in batch[0])
             self.opt.telemetry.record(self.opt, group_index, [by_index[i] for i in indices], w_norm, g_norm, ratio)
 
 
