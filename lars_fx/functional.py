@@ -35,6 +35,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 __all__ = [
     "trust_ratio",
     "compute_dtype",
+    "scaled_gradient",
     "lars_gradient",
     "momentum_update",
     "lars_sgd_reference",
@@ -82,6 +83,15 @@ def trust_ratio(
     return coeff
 
 
+def scaled_gradient(param: Tensor, grad: Tensor, coeff: Tensor, weight_decay: Number) -> Tensor:
+    """``coeff * (grad + weight_decay * param)`` in the compute dtype, returned in ``grad``'s dtype."""
+    dtype = compute_dtype(param.dtype)
+    scaled = grad.to(dtype)
+    if weight_decay != 0:
+        scaled = scaled + weight_decay * param.detach().to(dtype)
+    return (coeff * scaled).to(grad.dtype)
+
+
 def lars_gradient(
     param: Tensor,
     grad: Tensor,
@@ -96,13 +106,10 @@ def lars_gradient(
 ) -> Tensor:
     """The trust-ratio-scaled gradient ``coeff * (g + weight_decay * w)`` of one tensor (reference)."""
     dtype = compute_dtype(param.dtype)
-    w = param.detach().to(dtype)
-    g = grad.to(dtype)
-    if maximize:
-        g = -g
+    g = -grad if maximize else grad
     coeff = trust_ratio(
-        torch.linalg.vector_norm(w),
-        torch.linalg.vector_norm(g),
+        torch.linalg.vector_norm(param.detach(), dtype=dtype),
+        torch.linalg.vector_norm(g, dtype=dtype),
         weight_decay=weight_decay,
         coefficient=coefficient,
         epsilon=epsilon,
@@ -110,7 +117,7 @@ def lars_gradient(
         lr=lr,
         unit_trust_on_zero_norm=unit_trust_on_zero_norm,
     )
-    return (coeff * (g + weight_decay * w)).to(grad.dtype)
+    return scaled_gradient(param, g, coeff, weight_decay)
 
 
 def momentum_update(

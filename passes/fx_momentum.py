@@ -4,7 +4,7 @@ Pattern: the ``SgdUpdate`` records of ``match_sgd_update`` (with coefficients fr
 ``insert_trust_ratio`` for LARS parameters).
 Rewrite, per parameter, where SGD's update read its weight-decayed gradient ``d``:
 
-* LARS parameter: ``u = lars_scaled_gradient(w, g', coeff, weight_decay)`` = ``coeff * (g' + wd * w)``
+* LARS parameter: ``u = lars_fx.functional.scaled_gradient(w, g', coeff, weight_decay)`` = ``coeff * (g' + wd * w)``
   in the compute dtype, cast back to the parameter's dtype; other parameters: ``u = g'`` (no weight
   decay, as ``lars_fx.LARS``).
 * MindSpore's form (default): SGD's buffer / nesterov / update nodes read ``u`` instead of ``d``.
@@ -22,27 +22,17 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch import Tensor
 from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from lars_fx.functional import compute_dtype
+from lars_fx.functional import scaled_gradient
 
 from .fx_norms import write_back_point
 from .fx_spec import PatternMismatch, request_of
 
-__all__ = ["RewriteMomentum", "lars_scaled_gradient"]
+__all__ = ["RewriteMomentum"]
 
 aten = torch.ops.aten
-
-
-def lars_scaled_gradient(param: Tensor, grad: Tensor, coeff: Tensor, weight_decay: float) -> Tensor:
-    """``coeff * (grad + weight_decay * param)`` in the compute dtype, in ``grad``'s dtype."""
-    dtype = compute_dtype(param.dtype)
-    scaled = grad.to(dtype)
-    if weight_decay != 0:
-        scaled = scaled + weight_decay * param.to(dtype)
-    return (coeff * scaled).to(grad.dtype)
 
 
 class RewriteMomentum(PassBase):
@@ -58,7 +48,7 @@ class RewriteMomentum(PassBase):
                     if update.coefficient is None:
                         raise PatternMismatch(update.param, "LARS parameter", "insert_trust_ratio must run first")
                     scaled = graph.call_function(
-                        lars_scaled_gradient, (update.param, update.grad, update.coefficient, update.weight_decay)
+                        scaled_gradient, (update.param, update.grad, update.coefficient, update.weight_decay)
                     )
                 else:
                     scaled = update.grad
