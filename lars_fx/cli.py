@@ -303,6 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
     if args.out is not None and not args.out.parent.is_dir():
         raise UsageError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -430,6 +432,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--iters", type=_at_least(1), default=20, help="timed steps; the median is reported (default: 20)"
+    )
+    bench.add_argument(
+        "--threads",
+        type=_at_least(1),
+        help="torch CPU threads (default: torch's); on a CPU shared with other jobs, 1 gives steadier eager times",
     )
     bench.add_argument("--out", type=Path, metavar="FILE", help="also write the table to FILE")
     bench.set_defaults(run=cmd_bench)

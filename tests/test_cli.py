@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from lars_fx.cli import main
 
@@ -219,7 +220,12 @@ def test_export_refusal_is_one_line(capsys, factories, tmp_path):
 def test_bench_prints_the_table_with_progress(capsys, tmp_path):
     table = tmp_path / "bench.md"
     argv = ["bench", "--device", "cpu", "--peers", "lars_foreach", "sgd_foreach", "--warmup", "1", "--iters", "2"]
-    assert main([*argv, "--out", str(table)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main([*argv, "--threads", "1", "--out", str(table)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert "| LARS (foreach), eager |" in captured.out and "| SGD foreach, eager, no LARS |" in captured.out
     assert "resnet50 shapes on cpu" in captured.out
