@@ -4,7 +4,7 @@ Pattern: any Python callable or GraphModule that runs ``torch.optim.SGD``'s upda
 foreach form, or the graph Dynamo made of ``SGD.step``).
 Rewrite: ``make_fx`` under ``functionalize`` with fake tensors, so the result is ATen ops without
 mutation or views, followed by one ``aten.copy_`` per mutated input (parameters, momentum buffers);
-``copy(w, v)`` of equal shapes is ``v``; the multi-tensor ops (``aten._foreach_*``) and Dynamo's ``prims.fma`` are decomposed into per-tensor
+``copy(w, v)`` of equal shapes is ``v``; ``add(x, mul(y, c))`` with a number ``c`` is ``add(x, y, alpha=c)``; the multi-tensor ops (``aten._foreach_*``) and Dynamo's ``prims.fma`` are decomposed into per-tensor
 ``aten.add/mul/neg`` so both forms of SGD reach the match pass as the same per-parameter chain.
 Preconditions: the step's Python control flow depends only on hyper-parameters and on which momentum
 buffers exist (true of ``torch.optim.SGD``); inputs are the tensors the step reads. Tracing runs on fake
@@ -80,10 +80,29 @@ def _drop_same_shape_copies(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _fold_scalar_multipliers(gm: torch.fx.GraphModule) -> None:
+    # `add(x, mul(y, c))` with a Python number c is `add(x, y, alpha=c)`: Dynamo writes SGD's
+    # `add_(d, alpha=1 - dampening)` and `add_(dir, alpha=-lr)` one way or the other across torch
+    # versions (2.11 spells them with a mul), and the match pass reads the alpha form.
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
+            continue
+        x, scaled = node.args
+        if not (isinstance(scaled, torch.fx.Node) and scaled.target is aten.mul.Tensor and len(scaled.users) == 1):
+            continue
+        y, factor = scaled.args
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and isinstance(y, torch.fx.Node):
+            node.args = (x, y)
+            node.kwargs = {**node.kwargs, "alpha": factor}
+            gm.graph.erase_node(scaled)
+    gm.recompile()
+
+
 def canonicalize(step: Callable, example_inputs: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
     """Trace ``step(*example_inputs)`` into the canonical ATen graph (see the module docstring)."""
     functional = torch.func.functionalize(step, remove="mutations_and_views")
     with torch.no_grad(), _as_compiling():
         gm = make_fx(functional, decomposition_table=_decompositions(), tracing_mode="fake")(*example_inputs)
     _drop_same_shape_copies(gm)
+    _fold_scalar_multipliers(gm)
     return gm
