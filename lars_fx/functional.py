@@ -342,23 +342,26 @@ def lars_sgd_foreach(
     grouped = _group_tensors_by_device_and_dtype([list(params), list(grads)], with_indices=True)
     for (device, dtype), ((ws, gs), indices) in grouped.items():
         gs = list(gs)
-        a = torch.full((len(ws),), sign, dtype=compute_dtype(dtype), device=device)
-        b = torch.zeros(len(ws), dtype=compute_dtype(dtype), device=device)
+        cdtype = compute_dtype(dtype)
+        # Per-tensor scalars as 0-d device tensors, stacked once: no index tensor built from a Python
+        # list, which would be a host-to-device copy (and a stream sync on CUDA) every step.
+        a_entries = [torch.full((), sign, dtype=cdtype, device=device)] * len(ws)
+        b_entries = [torch.zeros((), dtype=cdtype, device=device)] * len(ws)
         lars_positions = [k for k, i in enumerate(indices) if lars_mask[i]]
         has_weight_term = False
         if lars_positions:
             lars_ws, lars_gs = [ws[k] for k in lars_positions], [gs[k] for k in lars_positions]
             w_norm, g_norm, coeff = _trust_ratios(lars_ws, lars_gs, **options)
-            selected = torch.tensor(lars_positions, device=device)
-            if compute_dtype(dtype) != dtype:
+            if cdtype != dtype:
+                one = torch.ones((), dtype=cdtype, device=device)  # u already carries the sign
                 for k, u in zip(lars_positions, _scaled_gradients(lars_ws, lars_gs, coeff, weight_decay, sign)):
-                    gs[k] = u
-                a[selected] = 1.0
+                    gs[k], a_entries[k] = u, one
             else:
-                a[selected] = sign * coeff
-                b[selected] = coeff * weight_decay
+                for k, a_k, b_k in zip(lars_positions, (sign * coeff).unbind(0), (coeff * weight_decay).unbind(0)):
+                    a_entries[k], b_entries[k] = a_k, b_k
                 has_weight_term = weight_decay != 0
             norms.add([lars_rank[indices[k]] for k in lars_positions], w_norm, g_norm, coeff)
+        a, b = torch.stack(a_entries), torch.stack(b_entries)
         buffers = [momentum_buffers[i] for i in indices]
         _momentum_step(
             ws, gs, buffers, a, b if has_weight_term else None,
@@ -369,8 +372,12 @@ def lars_sgd_foreach(
     return norms.result()
 
 
-def _per_tensor(scalars: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    return [s.expand_as(t) for s, t in zip(scalars.unbind(0), like)]
+def _per_tensor(scalars: Tensor, like: Sequence[Tensor], positions: Sequence[int] | None = None) -> list[Tensor]:
+    """One entry of the vector ``scalars`` per tensor of ``like`` (the entries at ``positions``), broadcast to it."""
+    entries = scalars.unbind(0)
+    if positions is not None:
+        entries = [entries[k] for k in positions]
+    return [s.expand_as(t) for s, t in zip(entries, like)]
 
 
 def _sub_scaled_(targets: list[Tensor], sources: list[Tensor], scale: Number) -> None:
@@ -423,15 +430,16 @@ def _update_buffers(
     fresh = [k for k, buf in enumerate(buffers) if buf is None]
     if existing:
         bufs = [buffers[k] for k in existing]
-        picked = torch.tensor(existing, device=a.device)
         torch._foreach_mul_(bufs, momentum)
-        torch._foreach_addcmul_(bufs, [gs[k] for k in existing], _per_tensor((1 - dampening) * velocity_scale * a[picked], bufs))
+        scale = (1 - dampening) * velocity_scale
+        torch._foreach_addcmul_(bufs, [gs[k] for k in existing], _per_tensor(scale * a, bufs, existing))
         if b is not None:
-            torch._foreach_addcmul_(bufs, [ws[k] for k in existing], _per_tensor((1 - dampening) * velocity_scale * b[picked], bufs))
+            torch._foreach_addcmul_(bufs, [ws[k] for k in existing], _per_tensor(scale * b, bufs, existing))
     if fresh:
-        picked = torch.tensor(fresh, device=a.device)
-        new = torch._foreach_mul([gs[k] for k in fresh], list((velocity_scale * a[picked]).unbind(0)))
+        fresh_gs = [gs[k] for k in fresh]
+        scalars = (velocity_scale * a).unbind(0)  # 0-d: the new buffers keep the gradients' dtype
+        new = torch._foreach_mul(fresh_gs, [scalars[k] for k in fresh])
         if b is not None:
-            torch._foreach_addcmul_(new, [ws[k] for k in fresh], _per_tensor(velocity_scale * b[picked], new))
+            torch._foreach_addcmul_(new, [ws[k] for k in fresh], _per_tensor(velocity_scale * b, new, fresh))
         for k, buf in zip(fresh, new):
             buffers[k] = buf
