@@ -211,10 +211,7 @@ def _make_gradients(built: Built) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     out = _out_dir(args.out) if args.out else None
-    try:
-        from .fused import inspect_step
-    except ImportError as error:
-        raise MissingFeature(f"inspect needs lars_fx.fused.inspect_step, which this install lacks ({error})") from None
+    from .fused import inspect_step
     with status(f"building {args.factory}"):
         built = build(args.factory)
         inner = type(built.optimizer.optimizer)
