@@ -31,7 +31,7 @@ from torch.optim import SGD
 
 from .optimizer import LARS
 from .passes.fx_canonicalize import canonicalize
-from .passes.fx_pipeline import run_pipeline
+from .passes.fx_pipeline import compile_with_inductor, run_pipeline
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
 
 __all__ = ["lars_fx_backend", "BACKEND_OPTIONS"]
@@ -165,7 +165,7 @@ def lars_fx_backend(
             ) from None
         finally:
             _compile_count += 1
-        compiled = compile_fx(canonical, inputs)
+        compiled = compile_with_inductor(canonical, inputs)
 
     def run(*args: torch.Tensor) -> Any:
         return compiled(*args, *lifted)

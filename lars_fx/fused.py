@@ -14,6 +14,11 @@ step), so schedulers do not recompile. What the graph depends on structurally (w
 gradients, the tensors' shapes/strides/dtypes/devices, weight decay, whether momentum is on,
 dampening, nesterov, maximize, the filter's decisions) is the cache key; a new key compiles once.
 A graph the passes do not understand is logged with the diagnostic and that key runs the eager step.
+
+With ``carry_weight_norms`` (the default) the graph takes each batch's ``||w||^2`` as inputs and returns
+those of the weights it wrote (``fx_carry_weight_norms``); the next run of the same graph reuses them
+when nothing else ran or wrote the weights in between (the weights' version counters and data
+pointers are as the run left them), and recomputes them otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from torch.optim.sgd import sgd
 
 from .functional import NormCollector
 from .passes.fx_canonicalize import canonicalize
-from .passes.fx_pipeline import run_pipeline
+from .passes.fx_norms import squared_norms
+from .passes.fx_pipeline import compile_with_inductor, run_pipeline
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
 
 if TYPE_CHECKING:
@@ -64,9 +70,28 @@ class _StepPlan:
 
 
 @dataclass
+class _Carry:
+    """The weight norms a graph carries: per batch, the flat input positions of its weights and the
+    compute dtype; the last run's outputs and the state it left the weights in."""
+
+    batches: list[tuple[list[int], torch.dtype]]
+    norms: list[Tensor] | None = None
+    left_at: tuple | None = None
+
+    def inputs(self, flat: list[Tensor], left_at: tuple) -> list[Tensor]:
+        if self.norms is None or left_at != self.left_at:
+            self.norms = [squared_norms([flat[i] for i in positions], dtype) for positions, dtype in self.batches]
+        return self.norms
+
+    def weights_state(self, flat: list[Tensor], step_count: int) -> tuple:
+        return step_count, tuple((flat[i]._version, flat[i].data_ptr()) for positions, _ in self.batches for i in positions)
+
+
+@dataclass
 class _Compiled:
     run: Callable[..., Any] | None  # None: this key falls back to the eager step
     telemetry: list[tuple[int, list[int]]]
+    carry: _Carry | None = None
 
 
 @dataclass
@@ -154,6 +179,16 @@ def _request(opt: LARS, plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsReques
         lr_inside_momentum=opt.lr_inside_momentum,
         momentum_inputs=momentum_inputs,
         telemetry=opt.telemetry is not None,
+        carry_weight_norms=opt.carry_weight_norms,
+    )
+
+
+def _carry(request: LarsRequest, gm: torch.fx.GraphModule) -> _Carry | None:
+    if not request.carried_batches:
+        return None
+    position = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    return _Carry(
+        [([position[u.param.name] for u in batch.updates], batch.compute_dtype) for batch in request.carried_batches]
     )
 
 
@@ -170,6 +205,7 @@ class FusedStep:
         self.fallback: str | None = None
         self._cache: dict[tuple, _Compiled] = {}
         self._hypers: dict[int, tuple[Tensor, Tensor]] = {}
+        self._step_count = 0  # every step, compiled or eager: a carry is only valid for the next one
 
     def _hyper_tensors(self, plan: _StepPlan) -> list[tuple[Tensor, Tensor]]:
         hypers = []
@@ -190,8 +226,6 @@ class FusedStep:
         return hypers
 
     def _compile(self, plan: _StepPlan, inputs: list[Tensor]) -> _Compiled:
-        from torch._inductor.compile_fx import compile_fx
-
         tag = f"fused{self.compile_count}"
         self.compile_count += 1
         try:
@@ -202,14 +236,17 @@ class FusedStep:
             self.fallback = str(error)
             log.warning("lars-fx: fused step falls back to the eager LARS step for this configuration: %s", error)
             return _Compiled(None, [])
+        carry = _carry(request, gm)
+        example = inputs + (carry.inputs(inputs, ()) if carry is not None else [])
         with torch.no_grad():
-            run = compile_fx(gm, inputs)
-        return _Compiled(run, request.telemetry_outputs)
+            run = compile_with_inductor(gm, example)
+        return _Compiled(run, request.telemetry_outputs, carry)
 
     @torch.compiler.disable  # inside a torch.compile'd training step, run the already compiled step
     @torch.no_grad()
     def __call__(self) -> None:
         opt = self.opt
+        self._step_count += 1
         plan = _plan(opt)
         compiled = None
         if plan is not None and any(group.params for group in plan.groups):
@@ -221,9 +258,16 @@ class FusedStep:
             for group_index in range(len(opt.param_groups)):
                 opt._sgd_group_step(group_index)
             return
-        outputs = compiled.run(*inputs)
+        carry = compiled.carry
+        if carry is None:
+            outputs = list(compiled.run(*inputs) or ())
+        else:
+            carried = carry.inputs(inputs, carry.weights_state(inputs, self._step_count - 1))
+            outputs = list(compiled.run(*inputs, *carried))
+            carry.norms = outputs[len(outputs) - len(carried) :]
+            carry.left_at = carry.weights_state(inputs, self._step_count)
         if opt.telemetry is not None:
-            self._record(plan, compiled, list(outputs))
+            self._record(plan, compiled, outputs)
 
     def _record(self, plan: _StepPlan, compiled: _Compiled, outputs: list[Tensor]) -> None:
         per_group: dict[int, list[tuple[list[int], Tensor, Tensor, Tensor]]] = {}
@@ -248,7 +292,6 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     """
     from torch._inductor import config as inductor_config
     from torch._inductor import metrics
-    from torch._inductor.compile_fx import compile_fx
 
     plan = _plan(opt, zero_missing_buffers=True)
     if not any(group.params for group in plan.groups):
@@ -256,8 +299,9 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))
     report = InspectReport()
     gm = canonicalize(_step_function(plan), inputs)
+    request = _request(opt, plan, gm)
     try:
-        gm, stages = run_pipeline(gm, _request(opt, plan, gm), tag="inspect")
+        gm, stages = run_pipeline(gm, request, tag="inspect")
     except PatternMismatch as error:
         report.fallback = str(error)
         return report
@@ -265,7 +309,9 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     report.node_counts = [(stage.name, stage.node_count) for stage in stages]
     if compile:
         metrics.reset()
+        carry = _carry(request, gm)
+        example = inputs + (carry.inputs(inputs, ()) if carry is not None else [])
         with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
-            compile_fx(gm, inputs)
+            compile_with_inductor(gm, example)
         report.kernel_count = metrics.generated_kernel_count
     return report

@@ -93,6 +93,12 @@ class LARS(Optimizer):
         foreach: use the multi-tensor kernels (default); False runs the per-tensor reference.
         fused: capture the step as an FX graph, rewrite it with lars-fx's passes and compile it
             with Inductor (SGD only); same numbers as the eager path.
+        carry_weight_norms: with ``fused``, each step also computes the squared norms of the weights
+            it writes, in the update's own loop, and the next step uses them instead of reading the
+            weights once more (24 instead of 28 bytes per fp32 parameter). Weights written between
+            steps are noticed through their version counter (in-place ops, ``load_state_dict``,
+            ``copy_``) and the norms recomputed; writes that bypass it (through ``.data``, or from
+            outside PyTorch) are not: set this to False when the weights are written that way.
         telemetry: record each LARS parameter's ||w||, ||g|| and trust ratio every step, kept on
             the device (no host sync) and read on demand through ``telemetry``.
     """
@@ -110,6 +116,7 @@ class LARS(Optimizer):
         skip_nonfinite: bool = False,
         foreach: bool = True,
         fused: bool = False,
+        carry_weight_norms: bool = True,
         telemetry: bool = False,
     ) -> None:
         if isinstance(optimizer, LARS):
@@ -128,6 +135,7 @@ class LARS(Optimizer):
             ("skip_nonfinite", skip_nonfinite),
             ("foreach", foreach),
             ("fused", fused),
+            ("carry_weight_norms", carry_weight_norms),
             ("telemetry", telemetry),
         ):
             if not isinstance(flag, bool):
@@ -157,6 +165,7 @@ class LARS(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self.foreach = foreach
         self.fused = fused
+        self.carry_weight_norms = carry_weight_norms
         self.skipped_steps = 0
         self.telemetry: Telemetry | None = Telemetry() if telemetry else None
         self._fused_step: FusedStep | None = None

@@ -2,12 +2,14 @@
 
 ``FX_PIPELINE`` lists ``(name, pass)`` in order. ``run_pipeline`` runs it on a canonical graph (see
 ``fx_canonicalize``) carrying a ``LarsRequest`` and returns the rewritten graph with its stages.
+``compile_with_inductor`` lowers the result, with ``INDUCTOR_POST_GRAD_PASSES`` run inside Inductor on
+its post-grad graph (the graph AOT autograd re-functionalizes from ours).
 
 For researchers:
 
 * ``LARS_FX_DUMP=<dir>`` writes the graph before and after every pass as readable text, one file per
   stage, named ``<tag>.<NN>.<stage>.txt``.
-* ``LARS_FX_DISABLE=name[,name]`` (or ``disabled=``) switches passes off, logged as a warning; a
+* ``LARS_FX_DISABLE=name[,name]`` (or ``disabled=``) switches passes off (Inductor's too), logged as a warning; a
   pipeline missing a pass the next one needs stops with a ``PatternMismatch`` and the entry point
   falls back as it documents (never a silent half rewrite).
 """
@@ -22,15 +24,23 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch.fx
+from torch import Tensor
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx.passes.infra.pass_base import PassBase
 
+from .fx_carry_weight_norms import CarryWeightNorms
 from .fx_match_sgd import MatchSgdUpdate
 from .fx_momentum import RewriteMomentum
+from .fx_norm_after_write_back import NormAfterWriteBack
 from .fx_norms import InsertLarsNorms
 from .fx_spec import LarsRequest
 from .fx_trust_ratio import InsertTrustRatio
 
-__all__ = ["FX_PIPELINE", "Stage", "pipeline_names", "run_pipeline", "graph_text"]
+__all__ = [
+    "FX_PIPELINE", "INDUCTOR_POST_GRAD_PASSES", "Stage", "pipeline_names", "run_pipeline", "compile_with_inductor",
+    "graph_text",
+]
 
 log = logging.getLogger("lars_fx.passes")
 
@@ -39,6 +49,11 @@ FX_PIPELINE: list[tuple[str, PassBase]] = [
     ("insert_lars_norms", InsertLarsNorms()),
     ("insert_trust_ratio", InsertTrustRatio()),
     ("rewrite_momentum", RewriteMomentum()),
+    ("carry_weight_norms", CarryWeightNorms()),
+]
+
+INDUCTOR_POST_GRAD_PASSES: list[tuple[str, CustomGraphPass]] = [
+    ("norm_after_write_back", NormAfterWriteBack()),
 ]
 
 
@@ -55,7 +70,12 @@ def _stage(name: str, gm: torch.fx.GraphModule) -> Stage:
 
 
 def pipeline_names() -> list[str]:
+    """The FX passes' names, in order (``run_pipeline``'s stages)."""
     return [name for name, _ in FX_PIPELINE]
+
+
+def _switchable_names() -> list[str]:
+    return pipeline_names() + [name for name, _ in INDUCTOR_POST_GRAD_PASSES]
 
 
 def graph_text(gm: torch.fx.GraphModule) -> str:
@@ -80,10 +100,7 @@ def run_pipeline(
     ``disabled`` defaults to ``$LARS_FX_DISABLE`` and ``dump_dir`` to ``$LARS_FX_DUMP``.
     Raises ``PatternMismatch`` when the graph is not one the passes understand.
     """
-    disabled = _disabled_from_env() if disabled is None else set(disabled)
-    unknown = disabled - set(pipeline_names())
-    if unknown:
-        raise ValueError(f"LARS_FX_DISABLE/disabled names unknown passes {sorted(unknown)}; the passes are {pipeline_names()}")
+    disabled = _checked(_disabled_from_env() if disabled is None else set(disabled))
     dump_dir = dump_dir if dump_dir is not None else os.environ.get("LARS_FX_DUMP") or None
     gm.meta["lars_fx"] = request
     stages = [_stage("captured", gm)]
@@ -102,3 +119,43 @@ def run_pipeline(
             (directory / f"{safe_tag}.{index:02d}.{stage.name}.txt").write_text(stage.text)
         log.info("lars-fx: wrote %d graph stages of %s to %s", len(stages), tag, directory)
     return gm, stages
+
+
+def _checked(disabled: set[str]) -> set[str]:
+    unknown = disabled - set(_switchable_names())
+    if unknown:
+        raise ValueError(f"LARS_FX_DISABLE/disabled names unknown passes {sorted(unknown)}; the passes are {_switchable_names()}")
+    return disabled
+
+
+class _Chained(CustomGraphPass):
+    """Several post-grad passes where Inductor's config holds one."""
+
+    def __init__(self, passes: list[CustomGraphPass]) -> None:
+        self.passes = passes
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> tuple:
+        return tuple(graph_pass.uuid() for graph_pass in self.passes)
+
+
+def compile_with_inductor(
+    gm: torch.fx.GraphModule, example_inputs: list[Tensor], *, disabled: Iterable[str] | None = None
+):
+    """``compile_fx(gm, example_inputs)`` with ``INDUCTOR_POST_GRAD_PASSES`` added after any post-grad
+    pass the user configured; ``disabled`` defaults to ``$LARS_FX_DISABLE``."""
+    from torch._inductor.compile_fx import compile_fx
+
+    disabled = _checked(_disabled_from_env() if disabled is None else set(disabled))
+    passes = [graph_pass for name, graph_pass in INDUCTOR_POST_GRAD_PASSES if name not in disabled]
+    for name in sorted(disabled & {name for name, _ in INDUCTOR_POST_GRAD_PASSES}):
+        log.warning("lars-fx: Inductor pass %s is switched off", name)
+    existing = inductor_config.post_grad_custom_post_pass
+    if existing is not None:
+        passes.insert(0, existing)
+    post_grad = passes[0] if len(passes) == 1 else _Chained(passes) if passes else None
+    with inductor_config.patch(post_grad_custom_post_pass=post_grad):
+        return compile_fx(gm, example_inputs)

@@ -31,6 +31,8 @@ class LarsRequest:
     ``momentum_inputs`` maps a param group to the placeholder holding its momentum as a tensor (so a
     momentum schedule does not recompile); groups without one keep the constant the graph was traced with.
     ``telemetry`` asks the trust-ratio pass to return each group's norms and ratios as graph outputs.
+    ``carry_weight_norms`` asks for ``||w||^2`` as graph inputs and the written weights' as outputs
+    (``fx_carry_weight_norms``), for a caller that feeds one step's outputs to the next.
     """
 
     params: dict[str, ParamRole]
@@ -41,11 +43,13 @@ class LarsRequest:
     lr_inside_momentum: bool = False
     momentum_inputs: dict[int, str] = field(default_factory=dict)
     telemetry: bool = False
+    carry_weight_norms: bool = False
     # Filled in by the passes.
     updates: list[SgdUpdate] = field(default_factory=list)
     batches: list[LarsBatch] = field(default_factory=list)
     telemetry_outputs: list[tuple[int, list[int]]] = field(default_factory=list)
     grad_writes: list[torch.fx.Node] = field(default_factory=list)
+    carried_batches: list[LarsBatch] = field(default_factory=list)
 
 
 @dataclass

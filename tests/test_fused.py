@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -282,6 +283,67 @@ def test_inspect_step_reports_every_stage():
     assert report.node_counts[-1][1] > report.node_counts[0][1]
     assert report.kernel_count is not None and report.kernel_count > 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing stepped
+
+
+def test_weights_written_between_steps_refresh_the_carried_norms():
+    model = tiny_model(11)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2), coefficient=0.02, fused=True
+    )
+    oracle = Oracle(opt)
+    checkpoint = copy.deepcopy(model.state_dict())
+
+    def write_weights(step):
+        with torch.no_grad():
+            if step == 3:
+                model[0].weight.mul_(3.0)
+            if step == 5:
+                model.load_state_dict(checkpoint)
+            if step == 7:
+                model[2].weight.copy_(torch.randn(model[2].weight.shape))
+        oracle.copies.update({p: p.detach().double().clone() for p in model.parameters()})
+
+    run(opt, model, before_step=write_weights, oracle=oracle)
+    assert opt._fused_step.compile_count == 1
+
+
+def test_alternating_graphs_do_not_share_carried_norms():
+    model = tiny_model(12)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    oracle = Oracle(opt)
+    for step, skip in enumerate([(), (), ("2.bias",), (), ("2.bias",), ("2.bias",), (), ()]):
+        set_grads(model, step, skip)
+        oracle.read_grads()
+        opt.step()
+        oracle.step()
+        oracle.check()
+    assert opt._fused_step.compile_count == 2
+
+
+def test_without_carried_norms():
+    model = tiny_model(13)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+        coefficient=0.02, fused=True, carry_weight_norms=False,
+    )
+    run(opt, model)
+    assert all(compiled.carry is None for compiled in opt._fused_step._cache.values())
+
+
+def test_carried_norms_are_computed_in_the_update_loop():
+    """Inductor writes the new weights straight into the parameters: no parameter-sized temporary."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8))
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4), fused=True)
+    set_grads(model, 0)
+    opt.step()  # eager: creates the momentum buffers
+    with inductor_config.patch(fx_graph_cache=False):
+        _, (code,) = run_and_get_code(opt.step)
+    allocated = re.findall(r"empty_strided_\w+\(\(([^)]*)\)", code)
+    assert allocated and all(shape.replace(" ", "") in ("", "1,") for shape in allocated), allocated
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ from torch.optim.sgd import sgd
 from lars_fx.functional import lars_sgd_reference
 from lars_fx.passes.fx_canonicalize import canonicalize
 from lars_fx.passes.fx_match_sgd import MatchSgdUpdate
+from lars_fx.passes.fx_norm_after_write_back import NormAfterWriteBack
 from lars_fx.passes.fx_norms import InsertLarsNorms, squared_norms
 from lars_fx.passes.fx_pipeline import pipeline_names, run_pipeline
 from lars_fx.passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
@@ -243,3 +244,83 @@ def test_dump_and_disable(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LARS_FX_DISABLE", "no_such_pass")
     with pytest.raises(ValueError, match="unknown passes"):
         run_pipeline(gm, request_for(names, [True] * 4))
+
+
+@pytest.mark.parametrize("lr_inside_momentum", [False, True])
+def test_carry_pass_takes_weight_norms_in_and_returns_those_of_the_written_weights(lr_inside_momentum):
+    params, grads, buffers = make_state(seed=3)
+    mask = [True, False, True, True]
+    options = dict(momentum=0.9, weight_decay=0.01, dampening=0.0, nesterov=False, maximize=False)
+    expected_params = [p.clone() for p in params]
+    lars_sgd_reference(
+        expected_params, grads, [b.clone() for b in buffers], mask, lr=0.3, coefficient=0.02, epsilon=1e-5,
+        lr_inside_momentum=lr_inside_momentum, **options,
+    )
+    gm, inputs, names = sgd_graph(params, grads, buffers, lr=0.3, foreach=True, **options)
+    request = request_for(names, mask, coefficient=0.02, carry_weight_norms=True, lr_inside_momentum=lr_inside_momentum)
+    gm, stages = run_pipeline(gm, request, disabled=())
+    assert stages[-1].name == "carry_weight_norms"
+    carried = [n.name for n in gm.graph.nodes if n.op == "placeholder"][len(inputs):]
+    assert carried == [f"carried_w_sq_norm_{k}" for k in range(len(request.carried_batches))]
+    param_inputs = {n for n in gm.graph.nodes if n.name in names}
+    assert not any(n.target is squared_norms and set(n.args[0]) & param_inputs for n in gm.graph.nodes)
+
+    batches = [[names.index(u.param.name) for u in b.updates] for b in request.carried_batches]
+    assert sorted(i for b in batches for i in b) == [0, 2, 3]
+    outputs = gm(*inputs, *[squared_norms([params[i] for i in b], torch.float64) for b in batches])
+    for got, want in zip(params, expected_params):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, b in zip(outputs[-len(batches) :], batches):
+        torch.testing.assert_close(got, squared_norms([expected_params[i] for i in b], torch.float64))
+
+
+def test_carry_pass_is_off_unless_asked():
+    params, grads, buffers = make_state()
+    gm, inputs, names = sgd_graph(params, grads, buffers, lr=0.1, foreach=True, momentum=0.9, weight_decay=0.0,
+                                  dampening=0.0, nesterov=False, maximize=False)
+    request = request_for(names, [True] * 4)
+    gm, _ = run_pipeline(gm, request, disabled=())
+    assert request.carried_batches == []
+    assert len([n for n in gm.graph.nodes if n.op == "placeholder"]) == len(inputs)
+    assert sum(n.target is squared_norms for n in gm.graph.nodes) == 2 * len(request.batches)
+
+
+def _write_back_graph(weight_dtype=torch.float32, square=lambda g, x: g.call_function(aten.mul.Tensor, (x, x))):
+    """``copy_(w, w + x)`` and ``sum(square(w + x))``, as AOT autograd hands them to Inductor."""
+    graph = torch.fx.Graph()
+    w, x = graph.placeholder("w"), graph.placeholder("x")
+    w.meta["val"], x.meta["val"] = torch.empty(3, 2, dtype=weight_dtype), torch.empty(3, 2)
+    new = graph.call_function(aten.add.Tensor, (w, x))
+    new.meta["val"] = torch.empty(3, 2)
+    squared = square(graph, new)
+    total = graph.call_function(aten.sum.default, (squared,))
+    write = graph.call_function(aten.copy_.default, (w, new))
+    graph.output((total,))
+    return graph, squared, write
+
+
+def test_norm_after_write_back_reads_the_written_weight():
+    graph, squared, write = _write_back_graph()
+    NormAfterWriteBack()(graph)
+    assert squared.args == (write, write)
+    order = list(graph.nodes)
+    assert order.index(write) < order.index(squared)
+    w, x = torch.randn(3, 2), torch.randn(3, 2)
+    expected = ((w + x) ** 2).sum()
+    (total,) = torch.fx.GraphModule(torch.nn.Module(), graph)(w, x)
+    torch.testing.assert_close(total, expected)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(weight_dtype=torch.float64),  # copy_ converts: the written weight is not w + x
+        dict(square=lambda g, x: g.call_function(aten.mul.Tensor, (x, g.call_function(aten.neg.default, (x,))))),
+    ],
+    ids=["dtype_changes", "not_a_square"],
+)
+def test_norm_after_write_back_leaves_other_graphs_alone(case):
+    graph, squared, write = _write_back_graph(**case)
+    before = str(graph)
+    NormAfterWriteBack()(graph)
+    assert str(graph) == before
