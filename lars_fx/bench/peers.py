@@ -101,6 +101,7 @@ class Peer:
     build: Callable[[NamedParams], Step]
     compiled: bool = False
     cuda_only: bool = False
+    writes_grads: bool = False  # scales .grad in place: gets gradients of its own
 
 
 def lars_mask(named: NamedParams) -> list[bool]:
@@ -120,9 +121,9 @@ def _sgd(named: NamedParams, **options) -> SGD:
     return SGD(named, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **options)
 
 
-def _fused_lars(named: NamedParams) -> Step:
+def _fused_lars(named: NamedParams, **options) -> Step:
     """``LARS(fused=True).step``, failing the row if the fused path fell back to the eager step."""
-    lars = LARS(_sgd(named), fused=True)
+    lars = LARS(_sgd(named), fused=True, **options)
 
     def step() -> None:
         lars.step()
@@ -150,14 +151,21 @@ def _in_one_cuda_graph(step: Step) -> Step:
 PEERS: dict[str, Peer] = {
     peer.key: peer
     for peer in (
-        Peer("timm_eager", "timm Lars, eager", lambda n: _timm_lars(n).step),
-        Peer("timm_compiled", "torch.compile(timm Lars.step)", lambda n: torch.compile(_timm_lars(n).step), True),
+        Peer("timm_eager", "timm Lars, eager", lambda n: _timm_lars(n).step, writes_grads=True),
+        Peer(
+            "timm_compiled",
+            "torch.compile(timm Lars.step)",
+            lambda n: torch.compile(_timm_lars(n).step),
+            True,
+            writes_grads=True,
+        ),
         Peer(
             "timm_compiled_combo",
             "torch.compile(timm Lars.step), combo_kernels",
             lambda n: torch.compile(_timm_lars(n).step, options={"combo_kernels": True}),
             True,
             cuda_only=True,
+            writes_grads=True,
         ),
         Peer(
             "timm_reduce_overhead",
@@ -165,6 +173,7 @@ PEERS: dict[str, Peer] = {
             lambda n: torch.compile(_timm_lars(n).step, mode="reduce-overhead"),
             True,
             cuda_only=True,
+            writes_grads=True,
         ),
         Peer("lars_loop", "LARS(foreach=False), per-tensor eager", lambda n: LARS(_sgd(n), foreach=False).step),
         Peer("lars_foreach", "LARS (foreach), eager", lambda n: LARS(_sgd(n)).step),
@@ -175,6 +184,12 @@ PEERS: dict[str, Peer] = {
             cuda_only=True,
         ),
         Peer("lars_fused", "LARS(fused=True)", _fused_lars, True),
+        Peer(
+            "lars_fused_no_carry",
+            "LARS(fused=True, carry_weight_norms=False)",
+            lambda n: _fused_lars(n, carry_weight_norms=False),
+            True,
+        ),
         Peer("sgd_compiled", "torch.compile(SGD.step), no LARS", lambda n: torch.compile(_sgd(n).step), True),
         Peer("sgd_foreach", "SGD foreach, eager, no LARS", lambda n: _sgd(n, foreach=True).step),
         Peer(

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from .peers import LR, MOMENTUM, PEERS, WEIGHT_DECAY, NamedParams, Peer, Step, available_peers, lars_mask
 from .shapes import MODELS, ParamShape
@@ -129,11 +130,12 @@ def _time_interleaved(
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _make_params(shapes: Sequence[ParamShape], device: torch.device) -> NamedParams:
+def _make_params(shapes: Sequence[ParamShape], device: torch.device, grads: Sequence[Tensor] | None = None) -> NamedParams:
+    """Fresh parameters; their ``.grad`` are ``grads`` when given, fresh tensors otherwise."""
     named = []
-    for name, shape in shapes:
+    for index, (name, shape) in enumerate(shapes):
         param = torch.nn.Parameter(torch.empty(shape, device=device))
-        param.grad = torch.empty_like(param)
+        param.grad = grads[index] if grads is not None else torch.empty_like(param)
         named.append((name, param))
     return named
 
@@ -218,8 +220,9 @@ def run_benchmark(
     """Time one optimizer step of every peer on ``model``'s parameter shapes, side by side.
 
     Each peer is built and warmed up in turn (compiles happen here), starting from the same random
-    weights and gradients; then the timed steps run in rounds of one step per peer. All peers step
-    the same tensors, each with its own optimizer state. Ends with ``torch._dynamo.reset()`` when a
+    weights and gradients; then the timed steps run in rounds of one step per peer. Each peer steps
+    parameters of its own (as in training, nothing else writes them between its steps); the
+    gradients are shared, except by peers that scale them in place. Ends with ``torch._dynamo.reset()`` when a
     compiled peer ran.
 
     Args:
@@ -250,7 +253,7 @@ def run_benchmark(
     selected = [PEERS[key] for key in usable if key in wanted]
     report_progress = progress or (lambda message: None)
 
-    named = _make_params(shapes, resolved)
+    named = _make_params(shapes, resolved)  # its gradients are shared by the peers
     num_params = sum(p.numel() for _, p in named)
     copy, copy_bytes = _copy_step(resolved)
     _warm_up(copy, resolved, 2)
@@ -264,9 +267,10 @@ def run_benchmark(
     ):
         for peer in selected:
             report_progress(f"{peer.key}: build and warm up")
-            _fill_random(named, resolved, seed)
+            own = _make_params(shapes, resolved, None if peer.writes_grads else [p.grad for _, p in named])
+            _fill_random(own, resolved, seed)
             try:
-                steps[peer.key] = peer.build(named)
+                steps[peer.key] = peer.build(own)
                 warmup_s[peer.key] = _warm_up(steps[peer.key], resolved, warmup)
             except Exception as error:  # one peer's failure is a row note, never the end of the table
                 steps.pop(peer.key, None)
