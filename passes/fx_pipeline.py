@@ -146,7 +146,8 @@ def compile_with_inductor(
     gm: torch.fx.GraphModule, example_inputs: list[Tensor], *, disabled: Iterable[str] | None = None
 ):
     """``compile_fx(gm, example_inputs)`` with ``INDUCTOR_POST_GRAD_PASSES`` added after any post-grad
-    pass the user configured; ``disabled`` defaults to ``$LARS_FX_DISABLE``."""
+    pass the user configured; ``disabled`` defaults to ``$LARS_FX_DISABLE``. The caller guarantees the
+    inputs' shapes and strides on every call (Inductor's size asserts are off)."""
     from torch._inductor.compile_fx import compile_fx
 
     disabled = _checked(_disabled_from_env() if disabled is None else set(disabled))
@@ -157,5 +158,7 @@ def compile_with_inductor(
     if existing is not None:
         passes.insert(0, existing)
     post_grad = passes[0] if len(passes) == 1 else _Chained(passes) if passes else None
-    with inductor_config.patch(post_grad_custom_post_pass=post_grad):
+    # size_asserts off: both callers guard the inputs' shapes and strides already (the fused step's
+    # cache key, Dynamo's guards); the asserts cost one Python call per input per step.
+    with inductor_config.patch(post_grad_custom_post_pass=post_grad, size_asserts=False):
         return compile_fx(gm, example_inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from lars_fx.bench import (
     BenchReport,
@@ -114,3 +115,25 @@ def test_peer_selection() -> None:
         run_benchmark("tiny", "cpu", peers=["sgd_foreach_cudagraph"], shapes=TINY)
     with pytest.raises(ValueError, match="unknown model"):
         run_benchmark("resnet18", "cpu")
+
+
+def test_each_peer_steps_parameters_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lars_fx.bench.peers as bench
+
+    seen: dict[str, list] = {}
+
+    def recording(key: str):
+        def build(named):
+            seen[key] = [(p, p.detach().clone(), p.grad) for _, p in named]
+            return bench._sgd(named).step
+
+        return build
+
+    monkeypatch.setitem(bench.PEERS, "sgd_foreach", bench.Peer("sgd_foreach", "a", recording("a")))
+    monkeypatch.setitem(bench.PEERS, "lars_foreach", bench.Peer("lars_foreach", "b", recording("b")))
+    monkeypatch.setitem(bench.PEERS, "timm_eager", bench.Peer("timm_eager", "c", recording("c"), writes_grads=True))
+    run_benchmark("tiny", "cpu", peers=["sgd_foreach", "lars_foreach", "timm_eager"], warmup=1, iters=1, shapes=TINY)
+    for (pa, wa, ga), (pb, wb, gb), (pc, wc, gc) in zip(seen["a"], seen["b"], seen["c"]):
+        assert pa is not pb and pa is not pc
+        assert torch.equal(wa, wb) and torch.equal(wa, wc)  # the same starting weights
+        assert ga is gb and gc is not ga  # gradients shared, except by a peer that scales them in place
