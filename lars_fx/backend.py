@@ -6,8 +6,11 @@ placeholders, parameters and momentum buffers as attributes of the graph module.
 1. finds the optimizer being compiled (the frame Dynamo is tracing) and, through a ``lars_fx.LARS``
    view of it, the filter's decisions: which tensors are which parameter (by identity) and which get LARS;
 2. lifts the attribute tensors to inputs and traces the graph into the canonical ATen form;
-3. runs ``FX_PIPELINE`` (match the SGD update, insert norms, trust ratio, rewrite the momentum update);
-4. compiles the result with Inductor (``compile_fx``).
+3. runs ``FX_PIPELINE`` (match the SGD update, insert norms, trust ratio, rewrite the momentum update,
+   carry the weight norms);
+4. compiles the result with Inductor (``compile_with_inductor``); the function it returns to Dynamo
+   feeds each run the weight norms the previous run returned (``CarriedNorms``) and hands Dynamo the
+   graph's own outputs.
 
 A graph that neither reads gradients nor writes parameters is compiled unchanged; a graph that writes
 parameters in a way the passes do not understand, or reads gradients without writing parameters (the
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch.optim import SGD
 
+from .carried_norms import CarriedNorms
 from .optimizer import LARS
 from .passes.fx_canonicalize import canonicalize
 from .passes.fx_pipeline import compile_with_inductor, run_pipeline
@@ -46,6 +50,7 @@ BACKEND_OPTIONS: dict[str, Any] = {
     "lars_filter": None,  # None: lars_fx.default_lars_filter
     "unit_trust_on_zero_norm": False,
     "lr_inside_momentum": False,
+    "carry_weight_norms": True,
 }
 
 _compile_count = 0
@@ -115,7 +120,8 @@ def lars_fx_backend(
     """Dynamo backend: rewrite the traced ``torch.optim.SGD`` step into LARS and compile it with Inductor.
 
     ``options``: ``epsilon``, ``coefficient``, ``use_clip``, ``lars_filter`` (``ParamInfo -> bool``),
-    ``unit_trust_on_zero_norm``, ``lr_inside_momentum``; the meanings and defaults of ``lars_fx.LARS``.
+    ``unit_trust_on_zero_norm``, ``lr_inside_momentum``, ``carry_weight_norms``; the meanings and
+    defaults of ``lars_fx.LARS``.
     """
     from torch._inductor.compile_fx import compile_fx
 
@@ -155,6 +161,7 @@ def lars_fx_backend(
             use_clip=lars.use_clip,
             unit_trust_on_zero_norm=lars.unit_trust_on_zero_norm,
             lr_inside_momentum=lars.lr_inside_momentum,
+            carry_weight_norms=lars.carry_weight_norms,
         )
         try:
             canonical, _ = run_pipeline(canonical, request, tag=f"backend{_compile_count}")
@@ -165,6 +172,15 @@ def lars_fx_backend(
             ) from None
         finally:
             _compile_count += 1
+        carry = CarriedNorms.of(request, canonical)
+        if carry is not None:
+            carried = compile_with_inductor(canonical, inputs + carry.inputs(inputs))
+
+            def run_carrying(*args: torch.Tensor) -> Any:
+                flat = [*args, *lifted]
+                return carry.keep(flat, carried(*flat, *carry.inputs(flat)))
+
+            return run_carrying
         compiled = compile_with_inductor(canonical, inputs)
 
     def run(*args: torch.Tensor) -> Any:

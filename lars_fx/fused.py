@@ -16,9 +16,8 @@ dampening, nesterov, maximize, the filter's decisions) is the cache key; a new k
 A graph the passes do not understand is logged with the diagnostic and that key runs the eager step.
 
 With ``carry_weight_norms`` (the default) the graph takes each batch's ``||w||^2`` as inputs and returns
-those of the weights it wrote (``fx_carry_weight_norms``); the next run of the same graph reuses them
-when nothing else ran or wrote the weights in between (the weights' version counters and data
-pointers are as the run left them), and recomputes them otherwise.
+those of the weights it wrote (``fx_carry_weight_norms``); ``CarriedNorms`` feeds them to the next run
+of the same graph while nothing else has written the weights, and recomputes them otherwise.
 """
 
 from __future__ import annotations
@@ -32,9 +31,9 @@ import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
+from .carried_norms import CarriedNorms
 from .functional import NormCollector
 from .passes.fx_canonicalize import canonicalize
-from .passes.fx_norms import squared_norms
 from .passes.fx_pipeline import compile_with_inductor, run_pipeline
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
 
@@ -70,28 +69,10 @@ class _StepPlan:
 
 
 @dataclass
-class _Carry:
-    """The weight norms a graph carries: per batch, the flat input positions of its weights and the
-    compute dtype; the last run's outputs and the state it left the weights in."""
-
-    batches: list[tuple[list[int], torch.dtype]]
-    norms: list[Tensor] | None = None
-    left_at: tuple | None = None
-
-    def inputs(self, flat: list[Tensor], left_at: tuple) -> list[Tensor]:
-        if self.norms is None or left_at != self.left_at:
-            self.norms = [squared_norms([flat[i] for i in positions], dtype) for positions, dtype in self.batches]
-        return self.norms
-
-    def weights_state(self, flat: list[Tensor], step_count: int) -> tuple:
-        return step_count, tuple((flat[i]._version, flat[i].data_ptr()) for positions, _ in self.batches for i in positions)
-
-
-@dataclass
 class _Compiled:
     run: Callable[..., Any] | None  # None: this key falls back to the eager step
     telemetry: list[tuple[int, list[int]]]
-    carry: _Carry | None = None
+    carry: CarriedNorms | None = None
 
 
 @dataclass
@@ -183,15 +164,6 @@ def _request(opt: LARS, plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsReques
     )
 
 
-def _carry(request: LarsRequest, gm: torch.fx.GraphModule) -> _Carry | None:
-    if not request.carried_batches:
-        return None
-    position = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-    return _Carry(
-        [([position[u.param.name] for u in batch.updates], batch.compute_dtype) for batch in request.carried_batches]
-    )
-
-
 class FusedStep:
     """The compiled LARS step of one ``LARS`` optimizer over ``torch.optim.SGD`` (see the module docstring).
 
@@ -205,7 +177,6 @@ class FusedStep:
         self.fallback: str | None = None
         self._cache: dict[tuple, _Compiled] = {}
         self._hypers: dict[int, tuple[Tensor, Tensor]] = {}
-        self._step_count = 0  # every step, compiled or eager: a carry is only valid for the next one
 
     def _hyper_tensors(self, plan: _StepPlan) -> list[tuple[Tensor, Tensor]]:
         hypers = []
@@ -236,8 +207,8 @@ class FusedStep:
             self.fallback = str(error)
             log.warning("lars-fx: fused step falls back to the eager LARS step for this configuration: %s", error)
             return _Compiled(None, [])
-        carry = _carry(request, gm)
-        example = inputs + (carry.inputs(inputs, ()) if carry is not None else [])
+        carry = CarriedNorms.of(request, gm)
+        example = inputs + (carry.inputs(inputs) if carry is not None else [])
         with torch.no_grad():
             run = compile_with_inductor(gm, example)
         return _Compiled(run, request.telemetry_outputs, carry)
@@ -246,7 +217,6 @@ class FusedStep:
     @torch.no_grad()
     def __call__(self) -> None:
         opt = self.opt
-        self._step_count += 1
         plan = _plan(opt)
         compiled = None
         if plan is not None and any(group.params for group in plan.groups):
@@ -262,10 +232,7 @@ class FusedStep:
         if carry is None:
             outputs = list(compiled.run(*inputs) or ())
         else:
-            carried = carry.inputs(inputs, carry.weights_state(inputs, self._step_count - 1))
-            outputs = list(compiled.run(*inputs, *carried))
-            carry.norms = outputs[len(outputs) - len(carried) :]
-            carry.left_at = carry.weights_state(inputs, self._step_count)
+            outputs = carry.keep(inputs, compiled.run(*inputs, *carry.inputs(inputs)))
         if opt.telemetry is not None:
             self._record(plan, compiled, outputs)
 
@@ -309,8 +276,8 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     report.node_counts = [(stage.name, stage.node_count) for stage in stages]
     if compile:
         metrics.reset()
-        carry = _carry(request, gm)
-        example = inputs + (carry.inputs(inputs, ()) if carry is not None else [])
+        carry = CarriedNorms.of(request, gm)
+        example = inputs + (carry.inputs(inputs) if carry is not None else [])
         with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
             compile_with_inductor(gm, example)
         report.kernel_count = metrics.generated_kernel_count

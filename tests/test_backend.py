@@ -28,7 +28,9 @@ def tiny_model(seed=0, device="cpu", dtype=torch.float32):
     return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).to(device, dtype)
 
 
-def run_against_reference(model, sgd, step, lars_options, steps=STEPS, before_step=None, rtol=2e-5, atol=1e-6):
+def run_against_reference(
+    model, sgd, step, lars_options, steps=STEPS, before_step=None, rtol=2e-5, atol=1e-6, before_step_writes_weights=False
+):
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
     filt = lars_options.get("lars_filter", lars_fx.default_lars_filter)
@@ -36,13 +38,15 @@ def run_against_reference(model, sgd, step, lars_options, steps=STEPS, before_st
     ref = [p.detach().double().clone() for p in params]
     buffers = [None] * len(params)
     group = sgd.param_groups[0]
-    lars_kwargs = {k: v for k, v in lars_options.items() if k != "lars_filter"}
+    lars_kwargs = {k: v for k, v in lars_options.items() if k not in ("lars_filter", "carry_weight_norms")}
     for i in range(steps):
         gen = torch.Generator().manual_seed(500 + i)
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
         if before_step is not None:
             before_step(i)
+            if before_step_writes_weights:
+                ref = [p.detach().double().clone() for p in params]
         step()
         buffers = lars_sgd_reference(
             ref, [p.grad.double() for p in params], buffers, mask, lr=float(group["lr"]),
@@ -102,6 +106,24 @@ def test_options_and_scheduler_without_recompiles():
     run_against_reference(model, sgd, step, options, before_step=lambda i: scheduler.step() if i else None)
     assert float(sgd.param_groups[0]["lr"]) < 0.5 * 0.8**8
     assert len(compiles) == 2  # the first step (creates the buffers), then every later step
+
+
+@pytest.mark.parametrize("carry", [True, False])
+def test_weights_written_between_steps(carry):
+    model = tiny_model(7)
+    sgd = torch.optim.SGD(model.named_parameters(), lr=torch.tensor(0.1), momentum=0.9, weight_decay=1e-2)
+    options = {"coefficient": 0.02, "carry_weight_norms": carry}
+    step = torch.compile(sgd.step, backend="lars_fx", options=options)
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def write_weights(i):
+        with torch.no_grad():
+            if i == 4:
+                model[0].weight.mul_(2.0)
+            if i == 7:
+                model.load_state_dict(checkpoint)
+
+    run_against_reference(model, sgd, step, options, before_step=write_weights, before_step_writes_weights=True)
 
 
 def test_unknown_option_is_a_clear_error():

@@ -307,6 +307,18 @@ def test_weights_written_between_steps_refresh_the_carried_norms():
     assert opt._fused_step.compile_count == 1
 
 
+def test_compiled_step_bumps_the_weights_version():
+    """What CarriedNorms relies on: every write of a weight, the compiled step's too, bumps its version."""
+    model = tiny_model(15)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), fused=True)
+    for step in range(3):
+        set_grads(model, step)
+        versions = [p._version for p in model.parameters()]
+        opt.step()
+        assert all(p._version > v for p, v in zip(model.parameters(), versions))
+    assert opt._fused_step.compile_count == 1
+
+
 def test_alternating_graphs_do_not_share_carried_norms():
     model = tiny_model(12)
     opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)

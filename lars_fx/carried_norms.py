@@ -1,0 +1,55 @@
+"""The weight norms a compiled LARS step hands to its next run (see ``passes/fx_carry_weight_norms``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import Tensor
+
+from .passes.fx_norms import squared_norms
+from .passes.fx_spec import LarsRequest
+
+__all__ = ["CarriedNorms"]
+
+
+class CarriedNorms:
+    """``||w||^2`` per batch of a graph rewritten with ``carry_weight_norms``.
+
+    ``batches``: per carried input, the positions of its weights among the graph's other inputs and
+    the compute dtype. A run's outputs are reused by the next run only while every weight still has
+    the version counter and data pointer that run left it with: a write by anything else (another
+    graph, the eager step, ``load_state_dict``, an in-place edit) bumps the version and the norms are
+    recomputed. Writes that bypass the version counter (``p.data``) are not seen.
+    """
+
+    def __init__(self, batches: list[tuple[list[int], torch.dtype]]) -> None:
+        self.batches = batches
+        self._norms: list[Tensor] | None = None
+        self._left_at: tuple | None = None
+
+    @classmethod
+    def of(cls, request: LarsRequest, gm: torch.fx.GraphModule) -> CarriedNorms | None:
+        """The carried inputs ``run_pipeline`` gave ``gm``, or None if it gave none."""
+        if not request.carried_batches:
+            return None
+        position = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        return cls([([position[u.param.name] for u in b.updates], b.compute_dtype) for b in request.carried_batches])
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _state(self, inputs: list[Tensor]) -> tuple:
+        return tuple((inputs[i]._version, inputs[i].data_ptr()) for positions, _ in self.batches for i in positions)
+
+    def inputs(self, inputs: list[Tensor]) -> list[Tensor]:
+        """The carried norms to pass after ``inputs``: the last run's, or fresh ones."""
+        if self._norms is None or self._state(inputs) != self._left_at:
+            self._norms = [squared_norms([inputs[i] for i in positions], dtype) for positions, dtype in self.batches]
+        return self._norms
+
+    def keep(self, inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
+        """Keep the carried norms from a run's ``outputs`` (they come last); returns the other outputs."""
+        split = len(outputs) - len(self.batches)
+        self._norms = list(outputs[split:])
+        self._left_at = self._state(inputs)
+        return list(outputs[:split])
