@@ -111,7 +111,7 @@ def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
         key.append(
             (
                 tuple((id(p), p.shape, p.stride(), p.dtype, p.device, g.stride(), g.dtype) for p, g in zip(params, grads)),
-                tuple((b.stride(), b.dtype) for b in buffers),  # Inductor specialises on strides
+                tuple((b.shape, b.stride(), b.dtype, b.device) for b in buffers),  # a loaded state may differ
                 tuple(mask),
                 options["weight_decay"],
                 options["momentum"] != 0,
@@ -209,8 +209,8 @@ class FusedStep:
             return _Compiled(None, [])
         carry = CarriedNorms.of(request, gm)
         example = inputs + (carry.inputs(inputs) if carry is not None else [])
-        with torch.no_grad():
-            run = compile_with_inductor(gm, example)
+        with torch.no_grad():  # the cache key pins every input's shape, strides, dtype and device
+            run = compile_with_inductor(gm, example, check_input_layout=False)
         return _Compiled(run, request.telemetry_outputs, carry)
 
     @torch.compiler.disable  # inside a torch.compile'd training step, run the already compiled step

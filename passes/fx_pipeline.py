@@ -143,11 +143,18 @@ class _Chained(CustomGraphPass):
 
 
 def compile_with_inductor(
-    gm: torch.fx.GraphModule, example_inputs: list[Tensor], *, disabled: Iterable[str] | None = None
+    gm: torch.fx.GraphModule,
+    example_inputs: list[Tensor],
+    *,
+    check_input_layout: bool = True,
+    disabled: Iterable[str] | None = None,
 ):
     """``compile_fx(gm, example_inputs)`` with ``INDUCTOR_POST_GRAD_PASSES`` added after any post-grad
-    pass the user configured; ``disabled`` defaults to ``$LARS_FX_DISABLE``. The caller guarantees the
-    inputs' shapes and strides on every call (Inductor's size asserts are off)."""
+    pass the user configured; ``disabled`` defaults to ``$LARS_FX_DISABLE``.
+
+    ``check_input_layout=False`` drops Inductor's per-call asserts on every input's size and stride (a
+    Python call per input per step), for a caller whose own guards already pin them.
+    """
     from torch._inductor.compile_fx import compile_fx
 
     disabled = _checked(_disabled_from_env() if disabled is None else set(disabled))
@@ -158,7 +165,5 @@ def compile_with_inductor(
     if existing is not None:
         passes.insert(0, existing)
     post_grad = passes[0] if len(passes) == 1 else _Chained(passes) if passes else None
-    # size_asserts off: both callers guard the inputs' shapes and strides already (the fused step's
-    # cache key, Dynamo's guards); the asserts cost one Python call per input per step.
-    with inductor_config.patch(post_grad_custom_post_pass=post_grad, size_asserts=False):
+    with inductor_config.patch(post_grad_custom_post_pass=post_grad, size_asserts=check_input_layout):
         return compile_fx(gm, example_inputs)
