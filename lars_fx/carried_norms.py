@@ -35,9 +35,6 @@ class CarriedNorms:
         position = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         return cls([([position[u.param.name] for u in b.updates], b.compute_dtype) for b in request.carried_batches])
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
     def _state(self, inputs: list[Tensor]) -> tuple:
         return tuple((inputs[i]._version, inputs[i].data_ptr()) for positions, _ in self.batches for i in positions)
 

@@ -161,9 +161,8 @@ def compile_with_inductor(
     passes = [graph_pass for name, graph_pass in INDUCTOR_POST_GRAD_PASSES if name not in disabled]
     for name in sorted(disabled & {name for name, _ in INDUCTOR_POST_GRAD_PASSES}):
         log.warning("lars-fx: Inductor pass %s is switched off", name)
-    existing = inductor_config.post_grad_custom_post_pass
-    if existing is not None:
-        passes.insert(0, existing)
+    existing = inductor_config.post_grad_custom_post_pass  # torch >= 2.12 also takes a list
+    passes = (list(existing) if isinstance(existing, (list, tuple)) else [existing] if existing is not None else []) + passes
     post_grad = passes[0] if len(passes) == 1 else _Chained(passes) if passes else None
     with inductor_config.patch(post_grad_custom_post_pass=post_grad, size_asserts=check_input_layout):
         return compile_fx(gm, example_inputs)

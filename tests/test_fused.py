@@ -343,19 +343,31 @@ def test_without_carried_norms():
 
 
 def test_carried_norms_are_computed_in_the_update_loop():
-    """Inductor writes the new weights straight into the parameters: no parameter-sized temporary."""
+    """Inductor writes the new weights straight into the parameters: no parameter-sized temporary.
+    A post-grad pass the user configured runs too, before ours."""
     from torch._inductor import config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
     from torch._inductor.utils import run_and_get_code
+
+    class UsersPass(CustomGraphPass):
+        calls = 0
+
+        def __call__(self, graph):
+            UsersPass.calls += 1
+
+        def uuid(self):
+            return "users-pass"
 
     torch.manual_seed(14)
     model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8))
     opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4), fused=True)
     set_grads(model, 0)
     opt.step()  # eager: creates the momentum buffers
-    with inductor_config.patch(fx_graph_cache=False):
+    with inductor_config.patch(fx_graph_cache=False, post_grad_custom_post_pass=UsersPass()):
         _, (code,) = run_and_get_code(opt.step)
     allocated = re.findall(r"empty_strided_\w+\(\(([^)]*)\)", code)
     assert allocated and all(shape.replace(" ", "") in ("", "1,") for shape in allocated), allocated
+    assert UsersPass.calls == 1
 
 
 @pytest.mark.gpu
