@@ -325,7 +325,9 @@ def format_markdown(report: BenchReport, notes: Sequence[str] = ()) -> str:
         "reference's (> 1: slower)",
         f"- copy bandwidth: {report.copy_gbs:.1f} GB/s (a large copy_ timed in the same rounds, read + write); "
         f"floor at {BYTES_PER_PARAM} B/param: "
-        f"{report.floor_ms:.3f} ms",
+        f"{report.floor_ms:.3f} ms; GB/s = {BYTES_PER_PARAM} B/param over the row's time for every row (LARS's "
+        "work as the issue counts it: norms read w, g; the update reads w, g, v and writes w, v), although "
+        "SGD moves 20 and LARS with carried weight norms 24",
         *(f"- {note}" for note in notes),
         "",
         "| peer | median ms | IQR ms | compile s | × compiled SGD | × fused LARS | GB/s | % of copy BW | note |",
