@@ -164,6 +164,14 @@ def _request(opt: LARS, plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsReques
     )
 
 
+def _lower(gm: torch.fx.GraphModule, request: LarsRequest, inputs: list[Tensor]) -> tuple[Callable[..., Any], CarriedNorms | None]:
+    """Compile the rewritten graph with Inductor; with its carried weight norms, if the pipeline gave it any."""
+    carry = CarriedNorms.of(request, gm)
+    example = inputs + (carry.inputs(inputs) if carry is not None else [])
+    with torch.no_grad():  # the cache key pins every input's shape, strides, dtype and device
+        return compile_with_inductor(gm, example, check_input_layout=False), carry
+
+
 class FusedStep:
     """The compiled LARS step of one ``LARS`` optimizer over ``torch.optim.SGD`` (see the module docstring).
 
@@ -207,10 +215,7 @@ class FusedStep:
             self.fallback = str(error)
             log.warning("lars-fx: fused step falls back to the eager LARS step for this configuration: %s", error)
             return _Compiled(None, [])
-        carry = CarriedNorms.of(request, gm)
-        example = inputs + (carry.inputs(inputs) if carry is not None else [])
-        with torch.no_grad():  # the cache key pins every input's shape, strides, dtype and device
-            run = compile_with_inductor(gm, example, check_input_layout=False)
+        run, carry = _lower(gm, request, inputs)
         return _Compiled(run, request.telemetry_outputs, carry)
 
     @torch.compiler.disable  # inside a torch.compile'd training step, run the already compiled step
@@ -276,9 +281,7 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     report.node_counts = [(stage.name, stage.node_count) for stage in stages]
     if compile:
         metrics.reset()
-        carry = CarriedNorms.of(request, gm)
-        example = inputs + (carry.inputs(inputs) if carry is not None else [])
-        with torch.no_grad(), inductor_config.patch(fx_graph_cache=False):
-            compile_with_inductor(gm, example)
+        with inductor_config.patch(fx_graph_cache=False):
+            _lower(gm, request, inputs)
         report.kernel_count = metrics.generated_kernel_count
     return report

@@ -253,8 +253,9 @@ def run_benchmark(
     selected = [PEERS[key] for key in usable if key in wanted]
     report_progress = progress or (lambda message: None)
 
-    named = _make_params(shapes, resolved)  # its gradients are shared by the peers
-    num_params = sum(p.numel() for _, p in named)
+    shared_grads = [torch.empty(shape, device=resolved) for _, shape in shapes]
+    named = [(name, grad) for (name, _), grad in zip(shapes, shared_grads)]  # names and sizes, for the report
+    num_params = sum(g.numel() for g in shared_grads)
     copy, copy_bytes = _copy_step(resolved)
     _warm_up(copy, resolved, 2)
     # The copy is timed in the same rounds as the peers, under the same load.
@@ -267,7 +268,7 @@ def run_benchmark(
     ):
         for peer in selected:
             report_progress(f"{peer.key}: build and warm up")
-            own = _make_params(shapes, resolved, None if peer.writes_grads else [p.grad for _, p in named])
+            own = _make_params(shapes, resolved, None if peer.writes_grads else shared_grads)
             _fill_random(own, resolved, seed)
             try:
                 steps[peer.key] = peer.build(own)
