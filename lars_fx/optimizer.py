@@ -62,6 +62,115 @@ def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False
         raise ValueError(f"{name} must be a finite number {bound}, got {value}{hint}")
 
 
+def _hyperparameter_error(name: str, value: Any, requirement: str) -> ValueError:
+    return ValueError(
+        f"{name} must be {requirement}, got {value!r}; set it to such a value in the param group "
+        "(or fix the scheduler that wrote it)"
+    )
+
+
+def _check_group(group_index: int, group: dict[str, Any]) -> None:
+    """The hyperparameters LARS reads from a param group, checked before any number moves.
+
+    Written with plain comparisons (``not value >= 0`` is also true for NaN) so that under
+    ``torch.compile`` they trace into guards instead of breaking the graph.
+    """
+    prefix = f"param_groups[{group_index}]"
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{prefix}['lr'] must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = lr.item()  # a device tensor is not read back: that would sync every step
+            if not (value >= 0 and value != math.inf):
+                raise _hyperparameter_error(f"{prefix}['lr']", value, "a finite number >= 0")
+    elif isinstance(lr, bool) or not (lr >= 0 and lr != math.inf):
+        raise _hyperparameter_error(f"{prefix}['lr']", lr, "a finite number >= 0")
+    for key in ("weight_decay", "momentum", "dampening"):
+        value = group.get(key, 0.0)
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{prefix}[{key!r}] must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+            continue
+        if isinstance(value, bool) or not (value >= 0 and value != math.inf):
+            raise _hyperparameter_error(f"{prefix}[{key!r}]", value, "a finite number >= 0")
+    if group.get("nesterov", False) and not (group["momentum"] > 0 and group["dampening"] == 0):
+        raise ValueError(
+            f"{prefix}: nesterov=True needs momentum > 0 and dampening = 0 (as torch.optim.SGD), got "
+            f"momentum={group['momentum']!r}, dampening={group['dampening']!r}"
+        )
+    if group.get("differentiable", False):
+        raise ValueError("LARS does not support differentiable=True in the wrapped optimizer")
+
+
+def _number_option(minimum: float, strict: bool, hint: str) -> Callable[[str, Any], float]:
+    def check(name: str, value: Any) -> float:
+        _check_number(name, value, minimum=minimum, strict=strict, hint=hint)
+        return float(value)
+
+    return check
+
+
+def _flag_option(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+class _Option:
+    """A LARS option: checked when set, and read by every mode at its next step (the fused step's
+    cache key includes it, so a change compiles once)."""
+
+    def __init__(self, check: Callable[[str, Any], Any], on_set: Callable[[LARS], None] | None = None) -> None:
+        self.check = check
+        self.on_set = on_set
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.slot = "_option_" + name
+
+    def __get__(self, obj: LARS | None, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj: LARS, value: Any) -> None:
+        setattr(obj, self.slot, self.check(self.name, value))
+        if self.on_set is not None:
+            self.on_set(obj)
+
+
+def _check_filter(name: str, value: Any) -> Callable[[ParamInfo], bool]:
+    if not callable(value):
+        raise TypeError(
+            f"{name} must be callable (ParamInfo -> bool), e.g. lambda p: 'bias' not in p.name; "
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def unsupported_gradient_message(name: str, param: Tensor, grad: Tensor) -> str:
+    """Why LARS refuses a sparse or complex gradient or parameter, and what to do (shared by every mode)."""
+    if grad.is_sparse:
+        return (
+            f"LARS got a sparse gradient for {name}; LARS needs dense gradients (the trust ratio reads the "
+            "whole tensor): use a dense embedding (sparse=False), or keep that parameter out of the optimizer"
+        )
+    return (
+        f"LARS got a complex gradient for {name}; LARS's norms and "
+        "trust ratio are defined for real tensors: hold it as a real parameter (torch.view_as_real, or two real "
+        "parameters for its real and imaginary parts), or keep it out of the LARS optimizer"
+    )
+
+
+def _step_without_global_hooks(inner: Optimizer) -> None:
+    """The wrapped optimizer's step without torch's hook wrapper. ``LARS.step`` is the step that hooks
+    see: global hooks and LARS's own fire once per step; hooks registered on the wrapped optimizer do
+    not fire (over SGD, LARS never calls the wrapped step at all, so both paths agree)."""
+    step = type(inner).step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    step(inner)
+
+
 class LARS(Optimizer):
     """Layer-wise adaptive rate scaling around another optimizer, as MindSpore's ``nn.LARS``.
 
@@ -101,6 +210,16 @@ class LARS(Optimizer):
             outside PyTorch) are not: set this to False when the weights are written that way.
         telemetry: record each LARS parameter's ||w||, ||g|| and trust ratio every step, kept on
             the device (no host sync) and read on demand through ``telemetry``.
+
+    The options are attributes of the same names. Assigning one (``opt.coefficient = 0.002``,
+    ``opt.lars_filter = ...``) is checked as in the constructor and takes effect at the next step in
+    every mode (a fused step compiles once for the new value). The param groups' ``lr``,
+    ``weight_decay``, ``momentum`` and ``dampening`` are checked at every step (a tensor lr on a GPU
+    only for its shape: reading its value would sync).
+
+    Norms are computed in float32 for float32 and half-precision tensors (float64 for float64), as
+    MindSpore's kernel does: a ``||w||`` or ``||g||`` above about 1.8e19 overflows to inf and the
+    step writes inf/NaN, like a non-finite gradient.
     """
 
     def __init__(
@@ -126,48 +245,9 @@ class LARS(Optimizer):
                 "optimizer must be a torch.optim.Optimizer such as "
                 f"torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), got {type(optimizer).__name__}"
             )
-        _check_number("epsilon", epsilon, minimum=0.0, strict=True, hint=" (MindSpore's default is 1e-5)")
-        _check_number("coefficient", coefficient, minimum=0.0, hint=" (MindSpore's default is 0.001)")
-        for flag_name, flag in (
-            ("use_clip", use_clip),
-            ("unit_trust_on_zero_norm", unit_trust_on_zero_norm),
-            ("lr_inside_momentum", lr_inside_momentum),
-            ("skip_nonfinite", skip_nonfinite),
-            ("foreach", foreach),
-            ("fused", fused),
-            ("carry_weight_norms", carry_weight_norms),
-            ("telemetry", telemetry),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{flag_name} must be True or False, got {flag!r}")
-        if not callable(lars_filter):
-            raise TypeError(
-                f"lars_filter must be callable (ParamInfo -> bool), e.g. lambda p: 'bias' not in p.name; "
-                f"got {type(lars_filter).__name__}"
-            )
         self._wraps_sgd = type(optimizer) is SGD
-        if fused and not self._wraps_sgd:
-            raise ValueError(
-                f"fused=True compiles LARS over torch.optim.SGD only, got {type(optimizer).__name__}; use fused=False"
-            )
-        if lr_inside_momentum and not self._wraps_sgd:
-            raise ValueError(
-                "lr_inside_momentum=True needs torch.optim.SGD as the wrapped optimizer, "
-                f"got {type(optimizer).__name__}; use lr_inside_momentum=False"
-            )
-
-        self.epsilon = float(epsilon)
-        self.coefficient = float(coefficient)
-        self.use_clip = use_clip
-        self.lars_filter = lars_filter
-        self.unit_trust_on_zero_norm = unit_trust_on_zero_norm
-        self.lr_inside_momentum = lr_inside_momentum
-        self.skip_nonfinite = skip_nonfinite
-        self.foreach = foreach
-        self.fused = fused
-        self.carry_weight_norms = carry_weight_norms
         self.skipped_steps = 0
-        self.telemetry: Telemetry | None = Telemetry() if telemetry else None
+        self.telemetry: Telemetry | None = Telemetry() if _flag_option("telemetry", telemetry) else None
         self._fused_step: FusedStep | None = None
 
         # Optimizer.__init__ sets up hooks and registers the groups; afterwards the wrapper and the
@@ -178,11 +258,50 @@ class LARS(Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self._lars_masks: list[list[bool]] = []
+
+        self.epsilon = epsilon
+        self.coefficient = coefficient
+        self.use_clip = use_clip
+        self.unit_trust_on_zero_norm = unit_trust_on_zero_norm
+        self.lr_inside_momentum = lr_inside_momentum
+        self.skip_nonfinite = skip_nonfinite
+        self.foreach = foreach
+        self.carry_weight_norms = carry_weight_norms
+        self.lars_filter = lars_filter  # decides the masks
+        self.fused = fused  # creates the fused step here, not in step(), so a torch.compile'd training step sees it
+
+    # -- options: checked when set; every mode reads them at its next step ---------------------
+
+    def _refresh_after_filter_change(self) -> None:
         self._refresh_lars_masks()
-        if fused:  # created here, not in step(), so a torch.compile'd training step sees it too
+
+    def _check_inner_is_sgd(self) -> None:
+        for name in ("fused", "lr_inside_momentum"):
+            if getattr(self, "_option_" + name, False) and not self._wraps_sgd:
+                raise ValueError(
+                    f"{name}=True needs torch.optim.SGD as the wrapped optimizer, got "
+                    f"{type(self.optimizer).__name__}; use {name}=False"
+                )
+
+    def _fused_changed(self) -> None:
+        self._check_inner_is_sgd()
+        if not self.fused:
+            self._fused_step = None
+        elif self._fused_step is None:
             from .fused import FusedStep
 
             self._fused_step = FusedStep(self)
+
+    epsilon = _Option(_number_option(0.0, True, " (MindSpore's default is 1e-5)"))
+    coefficient = _Option(_number_option(0.0, False, " (MindSpore's default is 0.001)"))
+    use_clip = _Option(_flag_option)
+    unit_trust_on_zero_norm = _Option(_flag_option)
+    lr_inside_momentum = _Option(_flag_option, _check_inner_is_sgd)
+    skip_nonfinite = _Option(_flag_option)
+    foreach = _Option(_flag_option)
+    carry_weight_norms = _Option(_flag_option)
+    fused = _Option(_flag_option, _fused_changed)
+    lars_filter = _Option(_check_filter, _refresh_after_filter_change)
 
     # -- groups and filter decisions ---------------------------------------------------------
 
@@ -196,12 +315,7 @@ class LARS(Optimizer):
     def _refresh_lars_masks(self) -> None:
         masks = []
         for group_index, group in enumerate(self.param_groups):
-            _check_number(f"param_groups[{group_index}]['lr']", group["lr"], minimum=0.0)
-            _check_number(
-                f"param_groups[{group_index}]['weight_decay']", group.get("weight_decay", 0.0), minimum=0.0
-            )
-            if group.get("differentiable", False):
-                raise ValueError("LARS does not support differentiable=True in the wrapped optimizer")
+            _check_group(group_index, group)
             names = group.get("param_names")
             mask = []
             for index, param in enumerate(group["params"]):
@@ -210,11 +324,32 @@ class LARS(Optimizer):
             masks.append(mask)
         self._lars_masks = masks
 
+    def _masks_match_groups(self) -> bool:
+        """False when groups or parameters were added to the shared groups behind the wrapper's back."""
+        return len(self._lars_masks) == len(self.param_groups) and all(
+            len(mask) == len(group["params"]) for mask, group in zip(self._lars_masks, self.param_groups)
+        )
+
     def lars_mask(self, group_index: int) -> list[bool]:
         """Which parameters of ``param_groups[group_index]`` get LARS (the filter's decisions)."""
         return list(self._lars_masks[group_index])
 
     # -- state ------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults, state and groups; LARS needs its options and the
+        # wrapped optimizer too. Hooks are dropped as torch.optim drops them; the fused step's compiled
+        # graphs are not copied but made again on the first step of the copy.
+        return {
+            key: value
+            for key, value in self.__dict__.items()
+            if key != "_fused_step" and not key.startswith("_optimizer_")
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fused_step = None
+        self._fused_changed()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -234,12 +369,15 @@ class LARS(Optimizer):
     # -- the step ---------------------------------------------------------------------------
 
     def _lars_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.dim() > 0:
+            lr = lr.reshape(())  # torch.optim.SGD takes a one-element lr of any shape; the math wants 0-d
         return {
             "weight_decay": group.get("weight_decay", 0.0),
             "coefficient": self.coefficient,
             "epsilon": self.epsilon,
             "use_clip": self.use_clip,
-            "lr": group["lr"],
+            "lr": lr,
             "unit_trust_on_zero_norm": self.unit_trust_on_zero_norm,
         }
 
@@ -247,17 +385,13 @@ class LARS(Optimizer):
         group = self.param_groups[group_index]
         names = group.get("param_names")
         params, grads, mask = [], [], []
-        for index, (param, use_lars) in enumerate(zip(group["params"], self._lars_masks[group_index])):
+        for index, (param, use_lars) in enumerate(zip(group["params"], self._lars_masks[group_index], strict=True)):
             grad = param.grad
             if grad is None:
                 continue
-            if grad.is_sparse or grad.is_complex():
+            if grad.is_sparse or grad.is_complex() or param.is_complex():
                 name = names[index] if names else f"param_groups[{group_index}]['params'][{index}]"
-                kind = "sparse" if grad.is_sparse else "complex"
-                raise ValueError(
-                    f"LARS got a {kind} gradient for {name}; LARS needs dense real gradients "
-                    "(use a dense embedding, sparse=False, or keep that parameter out of the optimizer)"
-                )
+                raise ValueError(unsupported_gradient_message(name, param, grad))
             params.append(param)
             grads.append(grad)
             mask.append(use_lars)
@@ -267,8 +401,9 @@ class LARS(Optimizer):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return True
-        sums = torch._foreach_norm(grads, 1)
-        return bool(torch.stack([s.float().to(sums[0].device) for s in sums]).isfinite().all())
+        # The largest magnitude: finite exactly when every element is (a sum could overflow, e.g. in fp16).
+        largest = torch._foreach_norm(grads, math.inf)
+        return bool(torch.stack([s.float().to(largest[0].device) for s in largest]).isfinite().all())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -276,8 +411,11 @@ class LARS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if len(self._lars_masks) != len(self.param_groups):
-            self._refresh_lars_masks()  # groups added to the wrapped optimizer directly
+        if not self._masks_match_groups():
+            self._refresh_lars_masks()  # groups or parameters added to the shared groups directly
+        else:
+            for group_index, group in enumerate(self.param_groups):
+                _check_group(group_index, group)
         if self.skip_nonfinite and not self._all_finite():
             self.skipped_steps += 1
             return loss
@@ -352,7 +490,7 @@ class LARS(Optimizer):
                 if "weight_decay" in group:
                     saved_decay.append((group, group["weight_decay"]))
                     group["weight_decay"] = 0.0
-            self.optimizer.step()
+            _step_without_global_hooks(self.optimizer)
         finally:
             for p, g in saved_grads:
                 p.grad = g

@@ -1,6 +1,7 @@
 """lars_fx.LARS against the per-tensor reference, and as a torch.optim citizen."""
 
 import copy
+import re
 import itertools
 
 import pytest
@@ -406,3 +407,117 @@ def test_sparse_and_complex_gradients_are_rejected():
     w.grad = torch.randn(3, dtype=torch.complex64)
     with pytest.raises(ValueError, match="complex gradient for w"):
         opt.step()
+
+
+def _reference_steps(model, grads_per_step, settings, sgd_options):
+    """float64 replay where every step has its own LARS options, lr and mask: ``settings[k] = (lr, mask, lars)``."""
+    params = [p.detach().double().clone() for p in model.parameters()]
+    buffers = [None] * len(params)
+    for grads, (lr, mask, lars_options) in zip(grads_per_step, settings):
+        buffers = F.lars_sgd_reference(
+            params, [g.double() for g in grads], buffers, mask, lr=lr, **sgd_options, **lars_options
+        )
+    return params
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per_tensor"])
+def test_options_changed_mid_run_take_effect_at_the_next_step(foreach):
+    gen = torch.Generator().manual_seed(7)
+    model = Block(torch.float64)
+    start = copy.deepcopy(model)
+    sgd_options = dict(momentum=0.9, dampening=0.0, nesterov=False, maximize=False, weight_decay=1e-3)
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, **sgd_options), foreach=foreach)
+    lars = dict(coefficient=0.001, epsilon=1e-5, use_clip=False, unit_trust_on_zero_norm=False, lr_inside_momentum=False)
+    changes = {
+        2: dict(coefficient=0.05), 3: dict(use_clip=True), 4: dict(epsilon=1e-3), 5: dict(unit_trust_on_zero_norm=True),
+        6: dict(lr_inside_momentum=True), 7: dict(lars_filter=lambda p: "fc1" in p.name),
+    }
+    grads_per_step, settings = [], []
+    for step in range(9):
+        for name, value in changes.get(step, {}).items():
+            setattr(opt, name, value)
+            if name != "lars_filter":
+                lars[name] = value
+        lr = 0.1 / (step + 1)
+        opt.param_groups[0]["lr"] = lr
+        _random_grads(model, gen)
+        grads_per_step.append([p.grad.clone() for p in model.parameters()])
+        settings.append((lr, opt.lars_mask(0), dict(lars)))
+        opt.step()
+    assert settings[-1][1] == ["fc1" in name for name, _ in model.named_parameters()]
+    expected = _reference_steps(start, grads_per_step, settings, sgd_options)
+    for (name, p), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_options_are_checked_when_set():
+    model = Block()
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="coefficient"):
+        opt.coefficient = -1.0
+    with pytest.raises(ValueError, match="epsilon"):
+        opt.epsilon = 0.0
+    with pytest.raises(TypeError, match="use_clip must be True or False"):
+        opt.use_clip = 1
+    with pytest.raises(TypeError, match="lars_filter must be callable"):
+        opt.lars_filter = "bias"
+    assert opt.coefficient == 0.001 and opt.epsilon == 1e-5 and opt.use_clip is False
+    adam = lars_fx.LARS(torch.optim.Adam(model.named_parameters(), lr=0.1))
+    for name in ("lr_inside_momentum", "fused"):
+        with pytest.raises(ValueError, match=f"{name}=True needs torch.optim.SGD"):
+            setattr(adam, name, True)
+
+
+def test_parameter_appended_to_a_group_is_stepped():
+    model = Block(torch.float64)
+    named = list(model.named_parameters())
+    sgd = torch.optim.SGD(named[:2], lr=0.1, momentum=0.9)
+    opt = lars_fx.LARS(sgd)
+    extra_name, extra = named[-2]  # fc2.weight: gets LARS
+    sgd.param_groups[0]["params"].append(extra)
+    sgd.param_groups[0]["param_names"].append(extra_name)
+    start = extra.detach().clone()
+    extra.grad = torch.randn_like(extra)
+    for p, _ in [(p, n) for n, p in named[:2]]:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.lars_mask(0) == [True, False, True]
+    expected = [start.clone()]
+    F.lars_sgd_reference(expected, [extra.grad], [None], [True], lr=0.1, weight_decay=0.0, momentum=0.9)
+    torch.testing.assert_close(extra, expected[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per_tensor"])
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("lr", float("nan"), "'lr'] must be a finite number >= 0, got nan"),
+        ("lr", -0.1, "'lr'] must be a finite number >= 0, got -0.1"),
+        ("lr", torch.tensor(float("inf")), "'lr'] must be a finite number >= 0, got inf"),
+        ("weight_decay", -1e-4, "'weight_decay'] must be a finite number >= 0"),
+        ("momentum", float("nan"), "'momentum'] must be a finite number >= 0"),
+        ("momentum", -0.9, "'momentum'] must be a finite number >= 0"),
+        ("dampening", float("inf"), "'dampening'] must be a finite number >= 0"),
+    ],
+)
+def test_group_hyperparameters_set_after_construction_are_checked(key, value, words, foreach):
+    model = Block()
+    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), foreach=foreach)
+    _random_grads(model, torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=re.escape(words)):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_skip_nonfinite_keeps_finite_half_precision_gradients():
+    # Their sum of magnitudes overflows fp16 (> 65504) although every element is finite: not a reason to skip.
+    w = nn.Parameter(torch.ones(4096, dtype=torch.float16))
+    opt = lars_fx.LARS(torch.optim.SGD([("w", w)], lr=0.1), skip_nonfinite=True, lars_filter=lambda p: False)
+    w.grad = torch.full_like(w, 60.0)
+    opt.step()
+    assert opt.skipped_steps == 0 and not torch.equal(w, torch.ones_like(w))
+    w.grad[0] = float("inf")
+    opt.step()
+    assert opt.skipped_steps == 1
