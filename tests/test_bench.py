@@ -9,6 +9,7 @@ import torch
 
 from lars_fx.bench import (
     BenchReport,
+    BenchRow,
     ParamShape,
     available_peers,
     format_markdown,
@@ -137,3 +138,14 @@ def test_each_peer_steps_parameters_of_its_own(monkeypatch: pytest.MonkeyPatch) 
         assert pa is not pb and pa is not pc
         assert torch.equal(wa, wb) and torch.equal(wa, wc)  # the same starting weights
         assert ga is gb and gc is not ga  # gradients shared, except by a peer that scales them in place
+
+
+def test_a_spread_wider_than_the_median_is_called_out() -> None:
+    report = run_benchmark("tiny", "cpu", peers=["sgd_foreach", "lars_foreach"], warmup=1, iters=2, shapes=TINY)
+    for row in report.rows:
+        row.iqr_ms = 0.0
+    quiet = format_markdown(report)
+    assert "unreliable" not in quiet and "as the issue counts" not in quiet
+    report.rows.append(BenchRow("noisy", "a noisy peer", median_ms=1.0, iqr_ms=2.5))
+    noisy = format_markdown(report)
+    assert "**unreliable timings**: the spread (IQR) exceeds the median for a noisy peer" in noisy

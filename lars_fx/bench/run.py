@@ -310,6 +310,16 @@ def _cell(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _spread_warnings(rows: Sequence[BenchRow]) -> list[str]:
+    noisy = [row.label for row in rows if row.median_ms is not None and (row.iqr_ms or 0.0) > row.median_ms]
+    if not noisy:
+        return []
+    return [
+        f"- **unreliable timings**: the spread (IQR) exceeds the median for {', '.join(noisy)}; the machine was "
+        "probably busy: rerun on an idle machine, or with more --iters"
+    ]
+
+
 def format_markdown(report: BenchReport, notes: Sequence[str] = ()) -> str:
     """The report as markdown: a header of what ran where, then one table row per peer."""
     lines = [
@@ -326,10 +336,11 @@ def format_markdown(report: BenchReport, notes: Sequence[str] = ()) -> str:
         "reference's (> 1: slower)",
         f"- copy bandwidth: {report.copy_gbs:.1f} GB/s (a large copy_ timed in the same rounds, read + write); "
         f"floor at {BYTES_PER_PARAM} B/param: "
-        f"{report.floor_ms:.3f} ms; GB/s = {BYTES_PER_PARAM} B/param over the row's time for every row (LARS's "
-        "work as the issue counts it: norms read w, g; the update reads w, g, v and writes w, v), although "
-        "SGD moves 20 and LARS with carried weight norms 24",
+        f"{report.floor_ms:.3f} ms; GB/s = {BYTES_PER_PARAM} B/param over the row's time for every row (the "
+        "bytes a LARS step moves without carried norms: the norms read w and g, the update reads w, g, v and "
+        "writes w, v), although SGD moves 20 and LARS with carried weight norms 24",
         *(f"- {note}" for note in notes),
+        *_spread_warnings(report.rows),
         "",
         "| peer | median ms | IQR ms | compile s | × compiled SGD | × fused LARS | GB/s | % of copy BW | note |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
