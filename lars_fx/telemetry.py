@@ -68,6 +68,9 @@ class Telemetry:
 
     # -- recording (called by the optimizer inside step) --------------------------------------
 
+    # Under torch.compile(opt.step) this runs eagerly (a graph break): traced, the Python step counter
+    # and entry list would be guarded on and recompile the step at every step.
+    @torch.compiler.disable
     def record(
         self,
         optimizer: Any,

@@ -212,3 +212,33 @@ def test_fused_path_records_the_same_values():
         assert (g["w_norm"], g["g_norm"], g["trust_ratio"]) == pytest.approx(
             (w["w_norm"], w["g_norm"], w["trust_ratio"]), rel=1e-5
         )
+
+
+def test_compiled_step_records_without_recompiling(tmp_path, monkeypatch):
+    import copy
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    eager_model = copy.deepcopy(model)
+    opts = [
+        LARS(torch.optim.SGD(m.named_parameters(), lr=torch.tensor(0.1), momentum=0.9), telemetry=True)
+        for m in (model, eager_model)
+    ]
+    counter = CompileCounterWithBackend("inductor")
+    compiled_step = torch.compile(opts[0].step, backend=counter)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), eager_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        compiled_step()
+        opts[1].step()
+    torch._dynamo.reset()
+    assert counter.frame_count <= 2  # the record call is a graph break, not a recompile per step
+    compiled, eager = (opt.telemetry.to_records() for opt in opts)
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] and len(compiled) == 5 * 2
+    for c, e in zip(compiled, eager):
+        assert c["param"] == e["param"] and c["trust_ratio"] == pytest.approx(e["trust_ratio"], rel=1e-5)
