@@ -54,6 +54,26 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _graph_inputs(*hyperparameters: Any) -> tuple[Any, ...]:
+    """Under ``torch.compile``, Python numbers as 0-d float64 tensors (tensors and None as they are);
+    in eager, all unchanged.
+
+    Dynamo makes a float that changes between calls (a scheduled lr or momentum) a SymFloat.
+    Inductor's tensorify pass turns one that meets a tensor (``coeff / lr``) into a graph input, but
+    specializes one that reaches a Scalar argument (``alpha=-lr``, ``_foreach_mul_(bufs, m)``): a
+    recompile for every new value until Dynamo's limit, then a silent fall back to eager; and with
+    the AOT autograd / FX graph caches on, a graph that keeps one stale value for every later one
+    (torch's bug). Held as tensors they never reach a Scalar argument. ``ones * h`` is the form the
+    pass tensorifies (``torch.tensor(h)`` would be specialized too).
+    """
+    if not torch.compiler.is_compiling():
+        return hyperparameters
+    return tuple(
+        h if h is None or isinstance(h, Tensor) else torch.ones((), dtype=torch.float64) * h
+        for h in hyperparameters
+    )
+
+
 def trust_ratio(
     w_norm: Tensor,
     g_norm: Tensor,
@@ -72,6 +92,9 @@ def trust_ratio(
     (timm/apex); MindSpore's formula, the default, gives 0 where ``||w|| = 0``.
     """
     coeff = coefficient * w_norm / (g_norm + weight_decay * w_norm + epsilon)
+    # A norm that overflowed its dtype (inf) would give a finite, wrong ratio (0 for ||g|| = inf): make
+    # it NaN so the step says so. 0 * finite adds nothing; 0 * inf is NaN.
+    coeff = coeff + 0 * (w_norm + g_norm)
     if unit_trust_on_zero_norm:
         coeff = torch.where((w_norm > 0) & (g_norm > 0), coeff, torch.ones_like(coeff))
     if use_clip:
@@ -260,15 +283,18 @@ def _trust_ratios(ws: list[Tensor], gs: list[Tensor], **options: Any) -> tuple[T
     return w_norm, g_norm, trust_ratio(w_norm, g_norm, **options)
 
 
-def _scaled_gradients(ws: list[Tensor], gs: list[Tensor], coeff: Tensor, weight_decay: Number, sign: float) -> list[Tensor]:
-    """``coeff * (sign*g + weight_decay*w)`` per tensor, computed in ``compute_dtype`` and cast back."""
+def _scaled_gradients(
+    ws: list[Tensor], gs: list[Tensor], coeff: Tensor, weight_decay: Number, decays: bool, sign: float
+) -> list[Tensor]:
+    """``coeff * (sign*g + weight_decay*w)`` per tensor (no weight term unless ``decays``), computed in
+    ``compute_dtype`` and cast back."""
     dtype = ws[0].dtype
     cdtype = compute_dtype(dtype)
     if cdtype != dtype:
         ws = [w.to(cdtype) for w in ws]
         gs = [g.to(cdtype) for g in gs]
     scaled = torch._foreach_mul(gs, list((sign * coeff).unbind(0)))
-    if weight_decay != 0:
+    if decays:
         torch._foreach_addcmul_(scaled, ws, _per_tensor(coeff * weight_decay, ws))
     return [u.to(dtype) for u in scaled]
 
@@ -292,6 +318,8 @@ def lars_gradients_foreach(
     themselves. Tensors are grouped by device and dtype.
     """
     sign = -1.0 if maximize else 1.0
+    decays = weight_decay != 0  # decided on the number (a guard under compile); the math may get a tensor
+    lr, weight_decay = _graph_inputs(lr, weight_decay)
     options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
                    unit_trust_on_zero_norm=unit_trust_on_zero_norm)
     updates = [(-g if maximize else g) if not use_lars else g for g, use_lars in zip(grads, lars_mask, strict=True)]
@@ -302,7 +330,7 @@ def lars_gradients_foreach(
         grouped = _group_tensors_by_device_and_dtype(lars_tensors, with_indices=True)
         for (ws, gs), indices in grouped.values():
             w_norm, g_norm, coeff = _trust_ratios(ws, gs, **options)
-            for position, u in zip(indices, _scaled_gradients(ws, gs, coeff, weight_decay, sign)):
+            for position, u in zip(indices, _scaled_gradients(ws, gs, coeff, weight_decay, decays, sign)):
                 updates[lars_index[position]] = u
             norms.add(indices, w_norm, g_norm, coeff)
     return LarsGradients(updates, norms.result())
@@ -335,6 +363,8 @@ def lars_sgd_foreach(
     tensors materialise ``u`` in float32 and cast it, as ``lars_gradient`` does.
     """
     sign = -1.0 if maximize else 1.0
+    decays, has_momentum = weight_decay != 0, momentum != 0  # decided on the numbers, before _graph_inputs
+    lr, weight_decay, momentum, dampening = _graph_inputs(lr, weight_decay, momentum, dampening)
     options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
                    unit_trust_on_zero_norm=unit_trust_on_zero_norm)
     norms = NormCollector()
@@ -354,18 +384,19 @@ def lars_sgd_foreach(
             w_norm, g_norm, coeff = _trust_ratios(lars_ws, lars_gs, **options)
             if cdtype != dtype:
                 one = torch.ones((), dtype=cdtype, device=device)  # u already carries the sign
-                for k, u in zip(lars_positions, _scaled_gradients(lars_ws, lars_gs, coeff, weight_decay, sign)):
+                for k, u in zip(lars_positions, _scaled_gradients(lars_ws, lars_gs, coeff, weight_decay, decays, sign)):
                     gs[k], a_entries[k] = u, one
             else:
                 for k, a_k, b_k in zip(lars_positions, (sign * coeff).unbind(0), (coeff * weight_decay).unbind(0)):
                     a_entries[k], b_entries[k] = a_k, b_k
-                has_weight_term = weight_decay != 0
+                has_weight_term = decays
             norms.add([lars_rank[indices[k]] for k in lars_positions], w_norm, g_norm, coeff)
         a, b = torch.stack(a_entries), torch.stack(b_entries)
         buffers = [momentum_buffers[i] for i in indices]
         _momentum_step(
             ws, gs, buffers, a, b if has_weight_term else None,
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, lr_inside_momentum=lr_inside_momentum,
+            lr=lr, momentum=momentum if has_momentum else None, dampening=dampening, nesterov=nesterov,
+            lr_inside_momentum=lr_inside_momentum,
         )
         for i, buf in zip(indices, buffers):
             momentum_buffers[i] = buf
@@ -395,21 +426,22 @@ def _momentum_step(
     b: Tensor | None,
     *,
     lr: Number,
-    momentum: float,
-    dampening: float,
+    momentum: Number | None,
+    dampening: Number,
     nesterov: bool,
     lr_inside_momentum: bool,
 ) -> None:
-    """``momentum_update`` for ``u = a*g + b*w`` (b None: no weight term), all tensors at once."""
-    if momentum != 0:
+    """``momentum_update`` for ``u = a*g + b*w`` (b None: no weight term; momentum None: plain SGD),
+    all tensors at once."""
+    if momentum is not None:
         _update_buffers(ws, gs, buffers, a, b, momentum, dampening, lr if lr_inside_momentum else 1.0)
     weight_scale = 1.0 if lr_inside_momentum else lr
-    if momentum == 0 or nesterov:
+    if momentum is None or nesterov:
         # w -= lr*u (+ weight_scale*m*buf); the weight term folds into one multiply, w *= 1 - lr*b.
         if b is not None:
             torch._foreach_mul_(ws, list((1 - lr * b).unbind(0)))
         torch._foreach_addcmul_(ws, gs, _per_tensor(-lr * a, gs))
-        if nesterov:
+        if nesterov and momentum is not None:
             _sub_scaled_(ws, buffers, weight_scale * momentum)
     else:
         _sub_scaled_(ws, buffers, weight_scale)
@@ -421,8 +453,8 @@ def _update_buffers(
     buffers: list[Tensor | None],
     a: Tensor,
     b: Tensor | None,
-    momentum: float,
-    dampening: float,
+    momentum: Number,
+    dampening: Number,
     velocity_scale: Number,
 ) -> None:
     """``v = m*v + (1-d)*s*u`` for existing buffers, ``v = s*u`` for new ones (filled into ``buffers``)."""

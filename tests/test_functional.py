@@ -69,6 +69,16 @@ def _random_tensors(dtypes, seed):
     return params, grads
 
 
+@pytest.fixture(params=[False, True], ids=["eager", "as_under_compile"])
+def as_under_compile(request, monkeypatch):
+    """Under torch.compile the foreach entry points hold lr, weight decay, momentum and dampening as
+    0-d float64 tensors (``_graph_inputs``); this runs that arithmetic in eager, for every dtype."""
+    if request.param:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert all(isinstance(h, torch.Tensor) and h.dtype == torch.float64 for h in F._graph_inputs(0.1, 0))
+    return request.param
+
+
 @pytest.mark.parametrize(
     "dtypes",
     [
@@ -80,7 +90,7 @@ def _random_tensors(dtypes, seed):
 )
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("use_clip", [False, True])
-def test_foreach_matches_per_tensor_reference(dtypes, maximize, use_clip):
+def test_foreach_matches_per_tensor_reference(dtypes, maximize, use_clip, as_under_compile):
     params, grads = _random_tensors(dtypes, seed=len(dtypes) + maximize + 2 * use_clip)
     mask = [True, True, False, True, True]
     options = dict(weight_decay=1e-3, coefficient=0.5, epsilon=1e-5, use_clip=use_clip, lr=0.3, maximize=maximize)
@@ -107,7 +117,8 @@ def test_norms_of_half_precision_are_float32():
 @pytest.mark.parametrize(
     "momentum,dampening,nesterov", [(0.0, 0.0, False), (0.9, 0.0, False), (0.8, 0.3, False), (0.9, 0.0, True)]
 )
-def test_lars_sgd_foreach_matches_reference(momentum, dampening, nesterov, maximize, lr_inside_momentum):
+def test_lars_sgd_foreach_matches_reference(momentum, dampening, nesterov, maximize, lr_inside_momentum,
+                                            as_under_compile):
     dtypes = [torch.float64, torch.float32, torch.float64, torch.bfloat16, torch.float64]
     params, _ = _random_tensors(dtypes, seed=11)
     reference = [p.clone() for p in params]
@@ -143,3 +154,20 @@ def test_lr_inside_momentum_differs_only_when_lr_changes():
 
     torch.testing.assert_close(run([0.1] * 4, True), run([0.1] * 4, False))
     assert not torch.allclose(run([0.1, 0.2, 0.05, 0.1], True), run([0.1, 0.2, 0.05, 0.1], False))
+
+
+@pytest.mark.parametrize("use_clip", [False, True])
+@pytest.mark.parametrize("unit", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_a_norm_past_float32_range_never_gives_a_finite_wrong_step(weight_decay, unit, use_clip):
+    # ||g||^2 of gradients around 1e20 overflows float32: the ratio must not silently become 0 (no step).
+    param = torch.randn(32, 64)
+    grad = torch.full((32, 64), 1e20)
+    options = dict(weight_decay=weight_decay, coefficient=0.001, epsilon=1e-5, use_clip=use_clip, lr=0.1,
+                   unit_trust_on_zero_norm=unit)
+    u = F.lars_gradient(param, grad, **options)
+    assert not u.isfinite().any()
+    foreach = F.lars_gradients_foreach([param], [grad], [True], **options)
+    assert not foreach.updates[0].isfinite().any() and foreach.norms.trust_ratio.isnan().all()
+    # The float64 reference stays finite: the limit is float32's, and documented.
+    assert F.lars_gradient(param.double(), grad.double(), **options).isfinite().all()
