@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -169,6 +170,16 @@ def _step_without_global_hooks(inner: Optimizer) -> None:
     if getattr(step, "hooked", False):
         step = step.__wrapped__
     step(inner)
+
+
+@torch.compiler.disable
+def _warn_float_lr_under_compile(inner: str) -> None:
+    warnings.warn(
+        f"torch.compile of LARS.step over {inner} with a float lr: torch recompiles {inner}'s step for every "
+        "new lr value until Dynamo's recompile_limit, then runs it eagerly. Give the wrapped optimizer a tensor "
+        f"lr, e.g. {inner}(..., lr=torch.tensor(0.001)), to compile it once",
+        stacklevel=3,
+    )
 
 
 class LARS(Optimizer):
@@ -477,6 +488,8 @@ class LARS(Optimizer):
 
     def _inner_step(self) -> None:
         """Any other optimizer: feed it the scaled gradients with its weight decay switched off."""
+        if torch.compiler.is_compiling() and any(not isinstance(g["lr"], Tensor) for g in self.param_groups):
+            _warn_float_lr_under_compile(type(self.optimizer).__name__)
         saved_grads: list[tuple[Tensor, Tensor]] = []
         saved_decay: list[tuple[dict, Any]] = []
         try:

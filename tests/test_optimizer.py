@@ -2,6 +2,7 @@
 
 import copy
 import re
+import warnings
 import itertools
 
 import pytest
@@ -521,3 +522,18 @@ def test_skip_nonfinite_keeps_finite_half_precision_gradients():
     w.grad[0] = float("inf")
     opt.step()
     assert opt.skipped_steps == 1
+
+
+def test_compiled_step_over_adam_with_a_float_lr_says_to_use_a_tensor_lr(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    model = nn.Linear(4, 2)
+    for lr, warns in ((0.01, True), (torch.tensor(0.01), False)):
+        opt = lars_fx.LARS(torch.optim.Adam(model.named_parameters(), lr=lr))
+        model(torch.randn(3, 4)).sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.compile(opt.step, backend="eager")()
+        said = [str(w.message) for w in caught if "tensor lr" in str(w.message)]
+        assert bool(said) == warns, said
+    torch._dynamo.reset()
