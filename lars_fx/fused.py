@@ -10,10 +10,16 @@ first gradient) runs the eager LARS step instead, which creates them exactly as 
 does: that spares compiling a graph that would run once.
 
 Each group's lr and momentum are graph inputs (0-d tensors refreshed from the param groups every
-step), so schedulers do not recompile. What the graph depends on structurally (which parameters have
-gradients, the tensors' shapes/strides/dtypes/devices, weight decay, whether momentum is on,
-dampening, nesterov, maximize, the filter's decisions) is the cache key; a new key compiles once.
-A graph the passes do not understand is logged with the diagnostic and that key runs the eager step.
+step), so schedulers do not recompile. Everything else the graph bakes in is the cache key: which
+parameters have gradients, the tensors' shapes/strides/dtypes/devices, weight decay, whether momentum
+is on, dampening, nesterov, maximize, the filter's decisions, and the LARS options (``coefficient``,
+``epsilon``, ``use_clip``, ``unit_trust_on_zero_norm``, ``lr_inside_momentum``, ``carry_weight_norms``,
+telemetry on or off), read afresh every step; a new key compiles once. A graph the passes do not
+understand is logged with the diagnostic and that key runs the eager step. After ``MAX_GRAPHS`` keys
+(say, a mixture of experts whose experts get gradients in turn) new keys run the eager step too, with
+one warning.
+
+Parameters without data (the meta device, fake tensors) are refused before anything is stepped.
 
 With ``carry_weight_norms`` (the default) the graph takes each batch's ``||w||^2`` as inputs and returns
 those of the weights it wrote (``fx_carry_weight_norms``); ``CarriedNorms`` feeds them to the next run
@@ -23,12 +29,14 @@ of the same graph while nothing else has written the weights, and recomputes the
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.optim.sgd import sgd
 
 from .carried_norms import CarriedNorms
@@ -40,9 +48,12 @@ from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
 if TYPE_CHECKING:
     from .optimizer import LARS
 
-__all__ = ["FusedStep", "InspectReport", "inspect_step"]
+__all__ = ["MAX_GRAPHS", "FusedStep", "InspectReport", "inspect_step"]
 
 log = logging.getLogger("lars_fx.fused")
+
+MAX_GRAPHS = 8
+"""Graphs one ``LARS(fused=True)`` compiles at most (read at every step); later new keys run the eager step."""
 
 
 @dataclass
@@ -59,6 +70,7 @@ class _GroupPlan:
 @dataclass
 class _StepPlan:
     groups: list[_GroupPlan]
+    lars_options: dict[str, Any]  # what _request hands the passes; part of the key
     key: tuple
 
     def inputs(self, hypers: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
@@ -83,6 +95,61 @@ class InspectReport:
     node_counts: list[tuple[str, int]] = field(default_factory=list)
     kernel_count: int | None = None
     fallback: str | None = None
+
+
+def _lars_options(opt: LARS) -> dict[str, Any]:
+    """The optimizer's options the passes bake into the graph (``LarsRequest`` fields)."""
+    return {
+        "coefficient": float(opt.coefficient),
+        "epsilon": float(opt.epsilon),
+        "use_clip": bool(opt.use_clip),
+        "unit_trust_on_zero_norm": bool(opt.unit_trust_on_zero_norm),
+        "lr_inside_momentum": bool(opt.lr_inside_momentum),
+        "telemetry": opt.telemetry is not None,
+        "carry_weight_norms": bool(opt.carry_weight_norms),
+    }
+
+
+def _param_name(group: dict[str, Any], group_index: int, index: int) -> str:
+    names = group.get("param_names")
+    where = f"param_groups[{group_index}]['params'][{index}]"
+    return f"{names[index]!r} ({where})" if names else where
+
+
+_NO_DATA_FIX = {
+    "meta": "Materialize the model first (e.g. model.to_empty(device=...) and initialize it) and build the "
+    "optimizer from those parameters, or use fused=False.",
+    "fake": "Step the optimizer outside FakeTensorMode, or use fused=False for a shape-only run.",
+}
+
+
+def _without_data(tensor: Tensor | None) -> str | None:
+    """Why no compiled kernel can read or write ``tensor``: "fake" or "meta" (no storage); None if it can."""
+    if tensor is None:
+        return None
+    if is_fake(tensor):
+        return "fake"
+    return "meta" if tensor.is_meta else None
+
+
+def _refuse_tensors_without_data(opt: LARS) -> None:
+    """Raise, naming the parameter, if a parameter with a gradient, the gradient or its momentum buffer
+    has no storage (meta device, fake tensor): Inductor would fail deep inside, or run on garbage."""
+    for group_index, group in enumerate(opt.param_groups):
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            buffer = opt.state[p].get("momentum_buffer")
+            tensors = {"the parameter": p, "its gradient": p.grad, "its momentum buffer": buffer}
+            for what, tensor in tensors.items():
+                kind = _without_data(tensor)
+                if kind is not None:
+                    described = "a FakeTensor (made under FakeTensorMode)" if kind == "fake" else "on the meta device"
+                    raise ValueError(
+                        f"LARS(fused=True) cannot step parameter {_param_name(group, group_index, index)}: {what} "
+                        f"is {described} and holds no data for a compiled kernel to read or write. "
+                        + _NO_DATA_FIX[kind]
+                    )
 
 
 def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
@@ -120,7 +187,8 @@ def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
                 options["maximize"],
             )
         )
-    return _StepPlan(groups, tuple(key))
+    lars_options = _lars_options(opt)
+    return _StepPlan(groups, lars_options, (*key, tuple(lars_options.items())))
 
 
 def _step_function(plan: _StepPlan) -> Callable[..., None]:
@@ -140,7 +208,7 @@ def _step_function(plan: _StepPlan) -> Callable[..., None]:
     return step
 
 
-def _request(opt: LARS, plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsRequest:
+def _request(plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsRequest:
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     params: dict[str, ParamRole] = {}
     momentum_inputs: dict[int, str] = {}
@@ -151,17 +219,7 @@ def _request(opt: LARS, plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsReques
         for k, (index, use_lars) in enumerate(zip(group.indices, group.mask)):
             params[names[offset + 2 + k]] = ParamRole(group.group_index, index, use_lars)
         offset += 2 + 2 * n + len(group.buffers)
-    return LarsRequest(
-        params=params,
-        coefficient=opt.coefficient,
-        epsilon=opt.epsilon,
-        use_clip=opt.use_clip,
-        unit_trust_on_zero_norm=opt.unit_trust_on_zero_norm,
-        lr_inside_momentum=opt.lr_inside_momentum,
-        momentum_inputs=momentum_inputs,
-        telemetry=opt.telemetry is not None,
-        carry_weight_norms=opt.carry_weight_norms,
-    )
+    return LarsRequest(params=params, momentum_inputs=momentum_inputs, **plan.lars_options)
 
 
 def _lower(gm: torch.fx.GraphModule, request: LarsRequest, inputs: list[Tensor]) -> tuple[Callable[..., Any], CarriedNorms | None]:
@@ -175,8 +233,9 @@ def _lower(gm: torch.fx.GraphModule, request: LarsRequest, inputs: list[Tensor])
 class FusedStep:
     """The compiled LARS step of one ``LARS`` optimizer over ``torch.optim.SGD`` (see the module docstring).
 
-    ``compile_count`` counts captures (one per cache key, compiled or fallen back); ``fallback`` holds
-    the last diagnostic that sent a configuration to the eager path (None if none did).
+    ``compile_count`` counts captures (one per cache key, compiled or fallen back; at most
+    ``MAX_GRAPHS``); ``fallback`` holds the last diagnostic that sent a configuration to the eager path
+    (None if none did).
     """
 
     def __init__(self, opt: LARS) -> None:
@@ -185,6 +244,7 @@ class FusedStep:
         self.fallback: str | None = None
         self._cache: dict[tuple, _Compiled] = {}
         self._hypers: dict[int, tuple[Tensor, Tensor]] = {}
+        self._warned_graph_limit = False
 
     def _hyper_tensors(self, plan: _StepPlan) -> list[tuple[Tensor, Tensor]]:
         hypers = []
@@ -197,7 +257,7 @@ class FusedStep:
                 momentum = torch.zeros((), dtype=torch.float64, device=device)
                 self._hypers[group.group_index] = (lr, momentum)
             if isinstance(settings["lr"], Tensor):
-                lr.copy_(settings["lr"])
+                lr.copy_(settings["lr"].reshape(()))  # torch.optim.SGD takes any one-element lr, e.g. [1, 1]
             else:
                 lr.fill_(settings["lr"])
             momentum.fill_(settings["momentum"])
@@ -209,7 +269,7 @@ class FusedStep:
         self.compile_count += 1
         try:
             gm = canonicalize(_step_function(plan), inputs)
-            request = _request(self.opt, plan, gm)
+            request = _request(plan, gm)
             gm, _ = run_pipeline(gm, request, tag=tag)
         except PatternMismatch as error:
             self.fallback = str(error)
@@ -218,17 +278,43 @@ class FusedStep:
         run, carry = _lower(gm, request, inputs)
         return _Compiled(run, request.telemetry_outputs, carry)
 
+    def _compiled(self, plan: _StepPlan, inputs: list[Tensor]) -> _Compiled | None:
+        """The graph of ``plan``'s key, compiled now if new; None past ``MAX_GRAPHS`` (eager step)."""
+        compiled = self._cache.get(plan.key)
+        if compiled is None:
+            if len(self._cache) >= MAX_GRAPHS:
+                self._warn_graph_limit()
+                return None
+            compiled = self._cache[plan.key] = self._compile(plan, inputs)
+        return compiled
+
+    def _warn_graph_limit(self) -> None:
+        if self._warned_graph_limit:
+            return
+        self._warned_graph_limit = True
+        warnings.warn(
+            f"LARS(fused=True) has compiled {len(self._cache)} graphs, its limit (lars_fx.fused.MAX_GRAPHS = "
+            f"{MAX_GRAPHS}): steps whose configuration is new from now on run the eager LARS step (same "
+            "numbers, slower); the graphs compiled so far are still used. Each new set of parameters that have "
+            "gradients (experts of a mixture of experts, layers skipped on some steps), new shapes, strides or "
+            "dtypes, and each change of a LARS or SGD option compiles a graph of its own. If parameters skip "
+            "gradients on purpose, use fused=False, or set lars_fx.fused.MAX_GRAPHS to the number of "
+            "configurations you expect (a zero gradient is not the same as none: momentum and weight decay "
+            "still move the parameter).",
+            stacklevel=2,
+        )
+
     @torch.compiler.disable  # inside a torch.compile'd training step, run the already compiled step
     @torch.no_grad()
     def __call__(self) -> None:
         opt = self.opt
         plan = _plan(opt)
+        if plan is None or plan.key not in self._cache:  # a cached key's tensors were checked when it was new
+            _refuse_tensors_without_data(opt)
         compiled = None
         if plan is not None and any(group.params for group in plan.groups):
             inputs = plan.inputs(self._hyper_tensors(plan))
-            compiled = self._cache.get(plan.key)
-            if compiled is None:
-                compiled = self._cache[plan.key] = self._compile(plan, inputs)
+            compiled = self._compiled(plan, inputs)
         if compiled is None or compiled.run is None:
             for group_index in range(len(opt.param_groups)):
                 opt._sgd_group_step(group_index)
@@ -266,12 +352,13 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     from torch._inductor import metrics
 
     plan = _plan(opt, zero_missing_buffers=True)
+    _refuse_tensors_without_data(opt)
     if not any(group.params for group in plan.groups):
         raise ValueError("inspect_step needs gradients: run a backward pass before inspecting the step")
     inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))
     report = InspectReport()
     gm = canonicalize(_step_function(plan), inputs)
-    request = _request(opt, plan, gm)
+    request = _request(plan, gm)
     try:
         gm, stages = run_pipeline(gm, request, tag="inspect")
     except PatternMismatch as error:

@@ -401,3 +401,139 @@ def test_fused_on_gpu(dtype):
 def test_mindspore_replay_through_fused(name):
     """The MindSpore 2.10 trajectories of the foundation issue, through LARS(..., fused=True)."""
     replay_lars(name, fused=True)
+
+
+def test_changed_options_compile_once_each():
+    """Every option the graph bakes in is part of its cache key: a change compiles once; going back reuses."""
+    model = tiny_model(16)
+    with torch.no_grad():
+        model[0].weight.zero_()  # stays zero until unit_trust_on_zero_norm is switched on
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.3, momentum=0.9, weight_decay=1e-2)
+    opt = lars_fx.LARS(sgd, coefficient=0.02, fused=True)
+    oracle, recorder, telemetry_norms = Oracle(opt), Recorder(), []
+
+    def change(step):
+        sgd.param_groups[0]["lr"] = 0.3 - 0.02 * step  # lr_inside_momentum differs only when lr changes
+        if step == 2:
+            opt.coefficient = 0.05
+        elif step == 3:
+            opt.use_clip = True
+        elif step == 4:
+            opt.epsilon = 0.5
+        elif step == 5:
+            assert torch.count_nonzero(model[0].weight) == 0
+            opt.unit_trust_on_zero_norm = True
+        elif step == 6:
+            opt.lr_inside_momentum = True
+        elif step == 7:
+            opt.carry_weight_norms = False
+        elif step == 8:
+            with torch.no_grad():  # bypasses the version counter: only a step without carried norms sees it
+                model[2].weight.data.mul_(1.5)
+            oracle.copies[model[2].weight] = model[2].weight.detach().double().clone()
+        elif step == 9:
+            opt.telemetry = recorder
+            telemetry_norms.extend(p.detach().norm() for p in (model[0].weight, model[2].weight))
+        elif step == 10:  # every option back as it was at step 1: that graph is reused
+            opt.coefficient, opt.use_clip, opt.epsilon = 0.02, False, 1e-5
+            opt.unit_trust_on_zero_norm = opt.lr_inside_momentum = False
+            opt.carry_weight_norms, opt.telemetry = True, None
+
+    run(opt, model, steps=12, before_step=change, oracle=oracle)
+    assert torch.count_nonzero(model[0].weight) > 0
+    assert opt._fused_step.compile_count == 8  # steps 1-7 and 9; step 0 creates the momentum buffers eagerly
+    ((group_index, params, w_norm, _, _),) = recorder.calls
+    assert group_index == 0 and [id(p) for p in params] == [id(model[0].weight), id(model[2].weight)]
+    torch.testing.assert_close(w_norm, torch.stack(telemetry_norms))
+
+
+def test_parameters_taking_turns_stop_compiling_at_the_limit(monkeypatch):
+    """A mixture of experts: each new set of parameters with gradients is a new graph, up to MAX_GRAPHS;
+    later sets run the eager step (one warning), and parameters without a gradient never move."""
+    monkeypatch.setattr(lars_fx.fused, "MAX_GRAPHS", 2)
+    torch.manual_seed(17)
+    model = nn.ModuleDict({"shared": nn.Linear(5, 4), **{f"expert{e}": nn.Linear(4, 3) for e in range(4)}})
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    opt = lars_fx.LARS(sgd, coefficient=0.02, fused=True)
+    experts = [name for name in model if name.startswith("expert")]
+    oracle = Oracle(opt)
+    with pytest.warns(UserWarning, match="MAX_GRAPHS") as caught:
+        for step in range(9):  # step 0: every expert (creates the buffers); then one expert per step, in turn
+            idle = [] if step == 0 else [e for e in experts if e != experts[(step - 1) % 4]]
+            set_grads(model, step, skip={f"{e}.{kind}" for e in idle for kind in ("weight", "bias")})
+            idle_params = [p for e in idle for p in model[e].parameters()]
+            idle_before = {p: (p.clone(), opt.state[p]["momentum_buffer"].clone()) for p in idle_params}
+            oracle.read_grads()
+            opt.step()
+            oracle.step()
+            oracle.check()
+            for p, (value, buffer) in idle_before.items():
+                assert torch.equal(p, value) and torch.equal(opt.state[p]["momentum_buffer"], buffer)
+    assert len([w for w in caught if "MAX_GRAPHS" in str(w.message)]) == 1
+    assert opt._fused_step.compile_count == 2  # experts 0 and 1; 2 and 3 ran eagerly, twice each
+
+
+def test_parameters_without_data_are_refused():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = nn.Linear(5, 4)
+    meta = nn.Linear(4, 3, device="meta")
+    params = [*real.named_parameters(prefix="real"), *meta.named_parameters(prefix="meta")]
+    opt = lars_fx.LARS(torch.optim.SGD(params, lr=0.1, momentum=0.9), fused=True)
+    for _, p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.clone() for p in real.parameters()]
+    where = r"'meta.weight' \(param_groups\[0\]\['params'\]\[2\]\)"
+    with pytest.raises(ValueError, match=where + r": the parameter is on the meta device.*fused=False"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, real.parameters()))  # not even the eager first step ran
+    with FakeTensorMode():
+        fake = nn.Linear(5, 4)
+        opt = lars_fx.LARS(torch.optim.SGD(fake.named_parameters(), lr=0.1), fused=True)
+        for p in fake.parameters():
+            p.grad = torch.ones_like(p)
+        with pytest.raises(ValueError, match=r"'weight' .*FakeTensor.*outside FakeTensorMode"):
+            opt.step()
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_one_element_lr_tensor(shape):
+    """torch.optim.SGD takes an lr tensor of any one-element shape; a scheduler updates it in place."""
+    model = tiny_model(18)
+    sgd = torch.optim.SGD(model.named_parameters(), lr=torch.full(shape, 0.2), momentum=0.9, weight_decay=1e-2)
+    opt = lars_fx.LARS(sgd, coefficient=0.02, use_clip=True, fused=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
+    run(opt, model, steps=6, before_step=lambda step: scheduler.step() if step else None)
+    assert opt.param_groups[0]["lr"].shape == shape and opt._fused_step.compile_count == 1
+
+
+@pytest.mark.parametrize("use_clip", [False, True])
+def test_weights_past_the_float32_norm_limit_are_never_finite_and_wrong(use_clip):
+    """||w||^2 is summed in float32 (as MindSpore): past ~1.8e19 it overflows. The step then writes inf/NaN,
+    never a finite number that differs from the float64 reference; the other parameters step as usual."""
+    gen = torch.Generator().manual_seed(19)
+    huge = [nn.Parameter(torch.randn(4, 8, generator=gen) * 1e20) for _ in range(2)]
+    normal = [nn.Parameter(torch.randn(4, 8, generator=gen)) for _ in range(2)]
+    groups = [
+        {"params": [("huge0", huge[0]), ("normal0", normal[0])], "weight_decay": 0.0},
+        {"params": [("huge1", huge[1]), ("normal1", normal[1])], "weight_decay": 1e-2},
+    ]
+    opt = lars_fx.LARS(
+        torch.optim.SGD(groups, lr=0.1), coefficient=0.02, use_clip=use_clip, lars_filter=lambda p: True, fused=True
+    )
+    oracle = Oracle(opt)
+    for p in huge + normal:
+        p.grad = torch.randn(p.shape, generator=gen)
+    oracle.read_grads()
+    opt.step()
+    oracle.step()
+    assert opt._fused_step.compile_count == 1
+    for p in huge:
+        want = oracle.copies[p]
+        assert torch.isfinite(want).all()
+        got = p.detach().double()
+        finite = torch.isfinite(got)
+        assert not finite.all()
+        torch.testing.assert_close(got[finite], want[finite], rtol=2e-5, atol=0)
+    for p in normal:
+        torch.testing.assert_close(p.detach().double(), oracle.copies[p], rtol=2e-5, atol=1e-6)
