@@ -244,8 +244,9 @@ class LarsGradientsPass(ir.passes.InPlacePass):
             coeff = emit_trust_ratio(tape, constants, *norms, weight_decay=_Symbol(decay, tape, constants), **self.trust_options)
             g_scale = np.array([[-r.scale if r.maximize else r.scale] for r in rules], dtype=np.float32)
             w_scale = np.array([[r.scale * r.weight_decay] for r in rules], dtype=np.float32)
-            g_factors = _split(tape, tape.op("Mul", [coeff, constants.array(g_scale)]), len(lars))
-            w_factors = _split(tape, tape.op("Mul", [coeff, constants.array(w_scale)]), len(lars))
+            opset = graph.opset_imports.get("", 0)
+            g_factors = _split(tape, constants, tape.op("Mul", [coeff, constants.array(g_scale)]), len(lars), opset)
+            w_factors = _split(tape, constants, tape.op("Mul", [coeff, constants.array(w_scale)]), len(lars), opset)
             for index, name in enumerate(lars):
                 # scale * coeff * (±G + wd*w) on [1, n] row views: one Mul, and one rank-1 Gemm that
                 # adds the weight term in the same pass (Mul + Add would take two passes).
@@ -270,8 +271,12 @@ class LarsGradientsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-def _split(tape: ir.tape.Tape, vector: ir.Value, count: int) -> Sequence[ir.Value]:
+def _split(tape: ir.tape.Tape, constants: _Constants, vector: ir.Value, count: int, opset: int) -> Sequence[ir.Value]:
     """A [count, 1] vector as count [1, 1] values (a Gemm's A input, a broadcast multiplier)."""
     if count == 1:
         return [vector]
-    return tape.op_multi_out("Split", [vector], attributes={"axis": 0}, num_outputs=count)
+    # Split's sizes: an attribute before opset 13, an input from 13 on (required from 18, or num_outputs).
+    if opset < 13:
+        return tape.op_multi_out("Split", [vector], attributes={"axis": 0, "split": [1] * count}, num_outputs=count)
+    sizes = constants.array(np.ones(count, dtype=np.int64))
+    return tape.op_multi_out("Split", [vector, sizes], attributes={"axis": 0}, num_outputs=count)

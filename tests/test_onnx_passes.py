@@ -145,9 +145,9 @@ def test_dumps_before_and_after_each_pass(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("LARS_FX_DUMP", str(dump))
     spec = lars_fx.onnx.LarsSpec(lr=0.1, momentum=0.9, params={n: lars_fx.onnx.ParamSpec(lars=True) for n in names})
     convert_artifacts(tmp_path / "stock", spec, output_directory=tmp_path / "lars")
-    before = dump / "training_model.0.LarsGradientsPass.before.txt"
-    after = dump / "training_model.0.LarsGradientsPass.after.txt"
+    before = dump / "training_model.1.LarsGradientsPass.before.txt"
+    after = dump / "training_model.1.LarsGradientsPass.after.txt"
     assert "ReduceL2" not in before.read_text() and "ReduceL2" in after.read_text()
     optimizer_after = (dump / "optimizer_model.0.MomentumOptimizerPass.after.txt").read_text()
     assert "beta=1.0" in optimizer_after and "correct_bias=0" in optimizer_after
-    assert len(list(dump.glob("*.txt"))) == 2 * 5  # training 2 passes, eval 1, optimizer 2
+    assert len(list(dump.glob("*.txt"))) == 2 * 6  # training 3 passes, eval 1, optimizer 2

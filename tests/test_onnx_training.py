@@ -302,3 +302,121 @@ def test_convert_stock_adamw_artifacts(tmp_path: Path) -> None:
     ort, _ = ort_train(tmp_path, xs, ts, lrs)
     reference = torch_train(model, optimizer, xs, ts, lrs, F.mse_loss)
     assert_same_params(ort, reference, {n for n, _ in model.named_parameters()})
+
+
+# -- torch gradient rules that the export must keep ---------------------------------------------------
+
+VOCAB, WIDTH, SEQ = 12, 6, 5
+
+
+def token_batches(seed: int, outputs: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Token ids with many 0s (padding), 2s and 11s (the padding rows below), targets for mse."""
+    generator = torch.Generator().manual_seed(seed)
+    xs = [torch.randint(0, VOCAB, (4, SEQ), generator=generator) for _ in range(STEPS)]
+    for x in xs:
+        x[:, :2] = 0
+        x[:, 2] = torch.tensor([2, 11, 2, 11])
+    ts = [torch.randn(4, outputs, generator=generator) for _ in range(STEPS)]
+    return xs, ts
+
+
+class PaddedLookups(torch.nn.Module):
+    """nn.Embedding with padding_idx (also negative); F.embedding of one weight with two padding rows and
+    without padding; an unpadded nn.Embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = torch.nn.Embedding(VOCAB, WIDTH, padding_idx=0)
+        self.kinds = torch.nn.Embedding(VOCAB, WIDTH, padding_idx=-1)  # row 11
+        self.extra = torch.nn.Parameter(torch.randn(VOCAB, WIDTH))
+        self.plain = torch.nn.Embedding(VOCAB, WIDTH)
+        self.fc = torch.nn.Linear(WIDTH, 3)
+        with torch.no_grad():  # non-zero padding rows: weight decay moves them, the gradient must not
+            self.words.weight[0] = 0.5
+            self.kinds.weight[11] = -0.3
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.words(ids) + self.kinds(ids) + self.plain(ids)
+        h = h + F.embedding(ids, self.extra, padding_idx=2) + F.embedding(ids.flip(1), self.extra, padding_idx=11)
+        h = h + F.embedding(ids, self.extra)
+        return self.fc(torch.tanh(h)).mean(dim=1)
+
+
+def test_embedding_padding_rows_get_no_gradient(tmp_path: Path) -> None:
+    """ORT's gradient of Gather trains the padding row; torch's embedding backward leaves it out."""
+    torch.manual_seed(20)
+    model = PaddedLookups()
+    initial = copy.deepcopy(model)
+    named = dict(model.named_parameters())
+    no_decay = [(n, named[n]) for n in ("words.weight",)]
+    rest = [(n, p) for n, p in model.named_parameters() if n != "words.weight"]
+    base = torch.optim.SGD(
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": rest, "weight_decay": 1e-2}], lr=0.5, momentum=0.9
+    )
+    optimizer = lars_fx.LARS(base, coefficient=0.02)
+    xs, ts = token_batches(21, outputs=3)
+    # opset 18: Split takes its sizes as an input there, as the LARS pass emits them
+    generate_artifacts(model, (xs[0],), optimizer=optimizer, artifact_directory=tmp_path, opset_version=18)
+    lrs = lr_schedule(0.5)
+    ort, _ = ort_train(tmp_path, xs, ts, lrs)
+    reference = torch_train(model, optimizer, xs, ts, lrs, F.mse_loss)
+    moved(initial, reference)
+    assert_same_params(ort, reference, set(named))
+    # Without weight decay the padding row stays as it was; with it, only decay moves it.
+    np.testing.assert_array_equal(ort["words.weight"][0], initial.words.weight[0].detach().numpy())
+    assert not np.allclose(reference["kinds.weight"][11], initial.kinds.weight[11].detach().numpy())
+
+
+class TiedLanguageModel(torch.nn.Module):
+    """BERT's shape in small: padded word embeddings tied to the output head, plus a plain index of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = torch.nn.Embedding(VOCAB, WIDTH, padding_idx=0)
+        self.norm = torch.nn.LayerNorm(WIDTH)
+        self.head = torch.nn.Linear(WIDTH, VOCAB)
+        self.head.weight = self.words.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.words(ids) + 0.5 * self.words.weight[ids.flip(1)]  # the index has no padding rule
+        return self.head(self.norm(h)).mean(dim=1)
+
+
+def test_tied_weights_sum_their_gradients_and_keep_the_padding_rule(tmp_path: Path) -> None:
+    torch.manual_seed(22)
+    model = TiedLanguageModel()
+    initial = copy.deepcopy(model)
+    assert [n for n, _ in model.named_parameters()] == ["words.weight", "norm.weight", "norm.bias", "head.bias"]
+    optimizer = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3))
+    xs, ts = token_batches(23, outputs=VOCAB)
+    generate_artifacts(model, (xs[0],), optimizer=optimizer, artifact_directory=tmp_path)
+    lrs = lr_schedule(0.5)
+    ort, _ = ort_train(tmp_path, xs, ts, lrs)
+    reference = torch_train(model, optimizer, xs, ts, lrs, F.mse_loss)
+    moved(initial, reference)
+    assert_same_params(ort, reference, {n for n, _ in model.named_parameters()})
+
+
+class FrozenBackbone(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Linear(12, 12)
+        self.head = torch.nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # no trained parameter behind the stop: exported exactly
+            features = torch.relu(self.backbone(x))
+        mask = (self.head(features).detach() > 0).float()  # a stop that only feeds a comparison
+        return self.head(features) * (0.5 + mask) + torch.ones_like(features[:, :5])
+
+
+def test_gradient_stops_without_trained_parameters_behind_them_export(tmp_path: Path) -> None:
+    torch.manual_seed(24)
+    model = FrozenBackbone()
+    optimizer = lars_fx.LARS(torch.optim.SGD(model.head.named_parameters(prefix="head"), lr=0.1, momentum=0.9))
+    generate_artifacts(model, (torch.randn(8, 12),), optimizer=optimizer, artifact_directory=tmp_path)
+    xs, ts = make_batches(25)
+    lrs = lr_schedule(0.1)
+    ort, _ = ort_train(tmp_path, xs, ts, lrs)
+    reference = torch_train(model, optimizer, xs, ts, lrs, F.mse_loss)
+    assert_same_params(ort, reference, {"head.weight", "head.bias"})

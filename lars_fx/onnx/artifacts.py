@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -21,10 +21,12 @@ from onnxruntime.training import onnxblock
 from torch import Tensor
 
 from lars_fx.optimizer import LARS
+from lars_fx.passes.onnx_embedding_padding import EmbeddingPaddingPass
 from lars_fx.passes.onnx_ir_version import IrVersionPass
 from lars_fx.passes.onnx_lars_gradients import LarsGradientsPass
 from lars_fx.passes.onnx_momentum_optimizer import MomentumOptimizerPass
 
+from .audit import refuse_gradient_hooks
 from .checkpoint import write_optimizer_state
 from .export import export_model
 from .pipeline import run_passes
@@ -49,10 +51,19 @@ def convert_artifacts(
     ``optimizer`` is a ``lars_fx.LARS`` whose groups' ``param_names`` are the ONNX parameter names (build
     its SGD from ``model.named_parameters()`` of the model you exported), or a ``LarsSpec``. The
     artifacts are rewritten in place, or written to ``output_directory``.
+    Another exporter's graph does not say which embedding lookups had ``padding_idx``: the parameters
+    looked up by ``Gather`` are named in a warning (``generate_artifacts`` keeps the padding rule).
     """
     spec = optimizer if isinstance(optimizer, LarsSpec) else LarsSpec.from_optimizer(optimizer)
     source = Path(artifact_directory)
     target = Path(output_directory) if output_directory is not None else source
+    _convert(source, target, spec, embedding_padding=None)
+
+
+def _convert(
+    source: Path, target: Path, spec: LarsSpec, *, embedding_padding: Mapping[str, Collection[int]] | None
+) -> None:
+    """``convert_artifacts``; ``embedding_padding``: the padded lookups ``export_model`` marked (None: unknown)."""
     if missing := [name for name in ARTIFACT_FILES if not (source / name).is_file()]:
         raise ValueError(f"artifact_directory {source} lacks {missing}; generate them with an optimizer (OptimType.SGD)")
     target.mkdir(parents=True, exist_ok=True)
@@ -63,7 +74,7 @@ def convert_artifacts(
         unit_trust_on_zero_norm=spec.unit_trust_on_zero_norm,
     )
     plan = {
-        "training_model.onnx": [gradients, IrVersionPass()],
+        "training_model.onnx": [EmbeddingPaddingPass(embedding_padding), gradients, IrVersionPass()],
         "eval_model.onnx": [IrVersionPass()],
         "optimizer_model.onnx": [MomentumOptimizerPass(spec.momentum), IrVersionPass()],
     }
@@ -105,6 +116,7 @@ def generate_artifacts(
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors, e.g. (torch.randn(8, 784),)")
     spec = LarsSpec.from_optimizer(optimizer, model)
+    refuse_gradient_hooks(model, spec.params)
     if batch_norms := [name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]:
         raise ValueError(
             f"batch norm layers {batch_norms} cannot be exported for on-device training: ORT's training graph "
@@ -113,9 +125,9 @@ def generate_artifacts(
         )
     ort_loss, torch_loss = _resolve_loss(loss)
     exported = export_model(
-        model, inputs, loss=torch_loss, example_target=example_target, opset_version=opset_version
+        model, inputs, trained=spec.params, loss=torch_loss, example_target=example_target, opset_version=opset_version
     )
-    initializers = {i.name for i in exported.graph.initializer}
+    initializers = {i.name for i in exported.model.graph.initializer}
     if missing := sorted(set(spec.params) - initializers):
         raise ValueError(
             f"parameters {missing} are trained by the optimizer but do not appear in the exported graph "
@@ -126,7 +138,7 @@ def generate_artifacts(
     with tempfile.TemporaryDirectory(prefix="lars_fx_ort_") as scratch:
         try:
             ort_artifacts.generate_artifacts(
-                exported,
+                exported.model,
                 requires_grad=sorted(spec.params),
                 frozen_params=frozen,
                 loss=ort_loss,
@@ -135,7 +147,7 @@ def generate_artifacts(
             )
         except Exception as error:  # ORT raises RuntimeError, onnx raises ValidationError/ShapeInferenceError
             raise ValueError(_gradient_error(error, opset_version)) from error
-        convert_artifacts(scratch, spec, output_directory=destination)
+        _convert(Path(scratch), destination, spec, embedding_padding=exported.embedding_padding)
 
 
 def _gradient_error(error: Exception, opset_version: int) -> str:

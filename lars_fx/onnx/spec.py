@@ -180,15 +180,11 @@ def _refuse(flag: bool, option: str, why: str) -> None:
 
 
 def _parameter_names(optimizer: LARS, model: torch.nn.Module | None) -> dict[int, str]:
+    # A tensor registered under several names (tied weights) is one ONNX initializer, under its first
+    # name, whose gradient ORT sums over its uses as torch does.
     names: dict[int, str] = {}
     if model is not None:
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if id(param) in names:
-                raise ValueError(
-                    f"parameters {names[id(param)]!r} and {name!r} are the same tensor (tied weights); the ONNX "
-                    "export needs one name per trained tensor. Untie them or keep one out of the optimizer"
-                )
-            names[id(param)] = name
+        names = {id(param): name for name, param in model.named_parameters()}
     for group_index, group in enumerate(optimizer.param_groups):
         group_names = group.get("param_names")
         for index, param in enumerate(group["params"]):
