@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
+import os
 import sys
+import tempfile
 import textwrap
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
@@ -179,6 +182,34 @@ def status(message: str) -> Iterator[None]:
     print(f"{PROG}: {message}: done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def native_stderr_hidden() -> Iterator[None]:
+    """Discard what native code (ONNX Runtime's C++ logger) writes to file descriptor 2 meanwhile.
+
+    Python's ``sys.stderr``, when it writes to descriptor 2, is pointed at a copy of it, so the
+    progress line and Python's warnings still show.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    try:
+        python_on_fd2 = python_stderr.fileno() == 2
+    except (AttributeError, OSError, io.UnsupportedOperation):  # e.g. a test's capture buffer
+        python_on_fd2 = False
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        if python_on_fd2:
+            sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding, errors="replace")
+        try:
+            yield
+        finally:
+            if python_on_fd2:
+                sys.stderr.close()
+                sys.stderr = python_stderr
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _out_dir(path: Path) -> Path:
     """--out: created if missing, but its parent must exist (a typo should not build a tree)."""
     if path.exists() and not path.is_dir():
@@ -269,7 +300,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         built = build(args.factory)
     if built.example_inputs is None:
         raise UsageError(f"{args.factory} must return (model, optimizer, example_inputs) for export")
-    with status(f"exporting ONNX training artifacts to {out}"):
+    ort_log = nullcontext() if args.verbose else native_stderr_hidden()
+    with status(f"exporting ONNX training artifacts to {out}"), ort_log:
         try:
             generate_artifacts(
                 built.model, built.example_inputs, optimizer=built.optimizer, loss=args.loss, artifact_directory=out
@@ -398,6 +430,9 @@ def make_parser() -> argparse.ArgumentParser:
         choices=("mse", "cross_entropy"),
         default="mse",
         help="the loss the training model ends in (default: mse)",
+    )
+    export.add_argument(
+        "--verbose", action="store_true", help="also show ONNX Runtime's own log lines (hidden by default)"
     )
     export.set_defaults(run=cmd_export)
 

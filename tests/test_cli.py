@@ -209,6 +209,16 @@ def test_export_writes_onnx_training_artifacts(capsys, factories, tmp_path):
     assert all(name in printed for name in onnx_files)
 
 
+def test_export_hides_onnx_runtime_log_unless_verbose(capfd, factories, tmp_path):
+    # ONNX Runtime's C++ logger writes ~20 "[I:onnxruntime:...] GraphTransformer ..." lines to descriptor 2.
+    assert main(["export", f"{factories}:tiny", "--out", str(tmp_path / "quiet")]) == 0
+    quiet = capfd.readouterr()
+    assert "onnxruntime" not in quiet.err + quiet.out
+    assert "exporting ONNX training artifacts" in quiet.err  # lars-fx's own progress still shows
+    assert main(["export", f"{factories}:tiny", "--out", str(tmp_path / "verbose"), "--verbose"]) == 0
+    assert "[I:onnxruntime" in capfd.readouterr().err
+
+
 def test_export_refusal_is_one_line(capsys, factories, tmp_path):
     assert main(["export", f"{factories}:clipped", "--out", str(tmp_path / "a")]) == 2
     assert "use_clip=True cannot be exported" in _error_line(capsys, "export")
