@@ -328,6 +328,12 @@ class LARS(Optimizer):
         for group_index, group in enumerate(self.param_groups):
             _check_group(group_index, group)
             names = group.get("param_names")
+            if names is not None and len(names) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{group_index}] has {len(group['params'])} params but {len(names)} param_names "
+                    "(a parameter was added or removed without its name): add or remove the name in "
+                    "group['param_names'] too, or add parameters with add_param_group"
+                )
             mask = []
             for index, param in enumerate(group["params"]):
                 info = ParamInfo(names[index] if names else None, param, group_index, index)
