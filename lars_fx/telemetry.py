@@ -66,6 +66,10 @@ class Telemetry:
         self._hooked: Any = None
         self._names_cache: dict[tuple[int, tuple[int, ...]], tuple[str, ...]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy must hook its own optimizer's step (optimizer copies drop their hooks, as torch.optim's do).
+        return {**self.__dict__, "_hooked": None}
+
     # -- recording (called by the optimizer inside step) --------------------------------------
 
     # Under torch.compile(opt.step) this runs eagerly (a graph break): traced, the Python step counter
