@@ -18,24 +18,46 @@ update escaped the graph, e.g. through a graph break), raises the diagnostic: ru
 would be a silent wrong answer. A step split over several graphs is fine as long as each parameter's
 update is inside one (LARS is per tensor).
 
-Use a tensor lr (``SGD(..., lr=torch.tensor(0.1))``) so schedulers do not recompile; with a float lr
-Dynamo specialises on its value. Dynamo also specialises on momentum, weight decay and on whether the
-momentum buffers exist (the first step compiles its own graph, as with any compiled optimizer).
+Hyperparameters: a tensor lr is a graph input. A float lr, momentum, weight decay or dampening that
+changes between steps (a scheduler, or several SGDs with different values) makes Dynamo compile the
+step once more, with the float as a 0-d tensor input read with ``.item()``; the passes take it as a
+tensor (``fx_canonicalize``), so later values reuse that graph. Dynamo also specialises on whether
+momentum or weight decay is 0 and on whether the momentum buffers exist (the first step compiles its
+own graph, as with any compiled optimizer). The group's hyperparameters are checked at every run, as
+``lars_fx.LARS`` checks them.
+
+Never plain SGD: an SGD whose step is traced for this backend refuses from then on to step outside a
+Dynamo-compiled graph: its ``_init_group``, which ``SGD.step`` calls before it moves anything, raises
+there. That is the step Dynamo falls back to when it hits its recompile limit, cannot trace the step (a
+sparse gradient) or skips it for good, and the step called without ``torch.compile``. The SGD is
+claimed while Dynamo traces torch.optim's wrapper around the step (through a global optimizer step
+pre-hook, registered at import and a no-op outside traces), before Dynamo traces ``SGD.step`` itself,
+and again when the backend compiles. Dynamo counts the compiled steps of all optimizer objects
+against one ``recompile_limit`` and past it runs a step without calling any backend: an SGD that would
+take the last entry is refused. Dynamo also misses, in its guards, a parameter state ``SGD`` first
+creates while Dynamo compiles a later step (a parameter whose first gradient comes late), and would
+rerun the graph that creates its momentum buffer: the claim creates the (empty) states of every
+parameter of a group with momentum before the first trace with gradients, and a graph about to
+restart an existing buffer is refused. Sparse and complex gradients and parameters without data
+(meta device, fake tensors) are refused as ``lars_fx.LARS`` refuses them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.optim import SGD
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .carried_norms import CarriedNorms
-from .optimizer import LARS
+from .optimizer import LARS, _check_group, unsupported_gradient_message
 from .passes.fx_canonicalize import canonicalize
-from .passes.fx_pipeline import compile_with_inductor, run_pipeline
+from .passes.fx_pipeline import compile_with_inductor, run_pipeline, standalone
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
 
 __all__ = ["lars_fx_backend", "BACKEND_OPTIONS"]
@@ -54,6 +76,13 @@ BACKEND_OPTIONS: dict[str, Any] = {
 }
 
 _compile_count = 0
+
+_HOW_TO_PROCEED = (
+    "backend 'lars_fx' does not run a step it cannot rewrite into LARS (it would be plain SGD). Ways "
+    "forward: step with lars_fx.LARS(sgd, ...) (eager, or fused=True), which takes every SGD option; a "
+    "hyperparameter the graph computes in a way the passes do not read can be kept constant, or lr given "
+    "as a tensor (SGD(..., lr=torch.tensor(0.1))); LARS_FX_DUMP=<dir> writes the graphs the passes saw"
+)
 
 
 def _options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -114,6 +143,215 @@ def _lift_attributes(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, li
     return torch.fx.GraphModule(gm, graph), lifted
 
 
+def _parameter_name(group: dict[str, Any], group_index: int, index: int) -> str:
+    names = group.get("param_names")
+    where = f"param_groups[{group_index}]['params'][{index}]"
+    return f"{names[index]!r} ({where})" if names else where
+
+
+def _refuse_without_data(sgd: SGD) -> None:
+    """Parameters on the meta device or fake tensors: no kernel can read or write them."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    for group_index, group in enumerate(sgd.param_groups):
+        for index, param in enumerate(group["params"]):
+            for what, tensor in (("the parameter", param), ("its gradient", param.grad)):
+                if tensor is None:
+                    continue
+                fake = type(tensor) not in (torch.Tensor, torch.nn.Parameter) and is_fake(tensor)
+                if fake or tensor.is_meta:
+                    described = "a FakeTensor (made under FakeTensorMode)" if fake else "on the meta device"
+                    fix = (
+                        "Step the optimizer outside FakeTensorMode." if fake else "Materialize the model first (e.g. "
+                        "model.to_empty(device=...) and initialize it) and build the optimizer from those parameters."
+                    )
+                    raise ValueError(
+                        f"backend 'lars_fx' cannot step parameter {_parameter_name(group, group_index, index)}: "
+                        f"{what} is {described} and holds no data for a compiled kernel to read or write. {fix}"
+                    )
+
+
+# SGDs whose step raises even under Dynamo, with the reason (see _claim_sgd_traced_for_this_backend).
+_refused: weakref.WeakKeyDictionary[SGD, str] = weakref.WeakKeyDictionary()
+
+
+def _inside_dynamo() -> bool:
+    # is_compiling() while Dynamo runs Python during a trace (torch >= 2.12); the tracing context on older torch.
+    return torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None
+
+
+# Never traced: when Dynamo gives up on the step, it would trace this frame on its own and fold the check away.
+@torch.compiler.disable
+def _init_group_inside_dynamo(sgd_ref: weakref.ref[SGD], group: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """``SGD._init_group`` of an SGD compiled for this backend. ``SGD.step`` calls it for each group before
+    it moves anything; Dynamo calls it (for real) while tracing the step and never when the compiled step
+    runs. A call outside Dynamo is the step running eagerly, as plain SGD."""
+    sgd = sgd_ref()
+    if sgd in _refused:
+        raise RuntimeError(_refused[sgd])
+    if not _inside_dynamo() and any(p.grad is not None for p in group["params"]):  # without any: a no-op
+        raise _eager_step_error(sgd)
+    return SGD._init_group(sgd, group, *args, **kwargs)
+
+
+def _eager_step_error(sgd: SGD) -> Exception:
+    for group_index, group in enumerate(sgd.param_groups):
+        _check_group(group_index, group)  # a bad hyperparameter: its own error first
+        for index, param in enumerate(group["params"]):
+            grad = param.grad
+            if grad is not None and (grad.is_sparse or grad.is_complex() or param.is_complex()):
+                name = _parameter_name(group, group_index, index)
+                return ValueError(unsupported_gradient_message(name, param, grad))  # why Dynamo gave up
+    limit = _recompile_limit()
+    return RuntimeError(
+        "backend 'lars_fx': this torch.optim.SGD's step ran outside a graph compiled for the backend, as "
+        "plain SGD (no LARS); stopped before any parameter moved. Either Dynamo fell back to the eager step: "
+        f"it hit torch._dynamo.config.recompile_limit ({limit}; every new set of parameters with gradients "
+        "compiles the step again: see Dynamo's 'hit config.recompile_limit' warning), it cannot trace the step "
+        "(TORCH_LOGS=graph_breaks shows why), or it skips SGD.step for good since a step it traced found no "
+        "gradient at all (an empty graph); or the step was called without torch.compile. Fixes: raise "
+        "torch._dynamo.config.recompile_limit, or give the same parameters gradients at every step; call "
+        "torch._dynamo.reset() after a step without gradients; call only the compiled step; or step with "
+        "lars_fx.LARS(sgd, ...), LARS in eager mode"
+    )
+
+
+def _refuse_eager_steps(sgd: SGD) -> None:
+    """From now on, ``sgd``'s step raises unless Dynamo compiled it (see ``_init_group_inside_dynamo``).
+
+    Set on the instance while Dynamo compiles the step: it builds the step's guards afterwards, so they
+    already see it and nothing recompiles."""
+    if "_init_group" not in vars(sgd):  # a weak reference: no cycle keeps a dropped optimizer alive
+        sgd._init_group = functools.partial(_init_group_inside_dynamo, weakref.ref(sgd))
+
+
+def _unwrapped_backend(backend: object) -> object:
+    # WrapBackendDebug -> torch.compile's _TorchCompileWrapper -> [functools.partial ->] the backend
+    for _ in range(8):
+        inner = next(
+            (getattr(backend, a) for a in ("_torchdynamo_orig_backend", "compiler_fn", "func") if hasattr(backend, a)),
+            None,
+        )
+        if inner is None or inner is backend:
+            break
+        backend = inner
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def _claim_sgd_traced_for_this_backend() -> bool:
+    """Run by Dynamo for real (its result is a constant) while it traces an optimizer's step, through the
+    step pre-hook below: if the step is traced for this backend, its SGD refuses eager steps from now
+    on. That is before Dynamo traces ``SGD.step`` itself, which it may give up on (a sparse gradient)
+    before this backend ever gets a graph."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    try:
+        tx = InstructionTranslator.current_tx()
+        if tx is None or _unwrapped_backend(tx.output.compiler_fn) is not lars_fx_backend:
+            return False
+        frame_values = [*tx.f_locals.values(), *(v for t in tx.f_locals.values() if type(t) is tuple for v in t)]
+        entries = len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(tx.f_code))
+    except Exception:  # a Dynamo without these internals: the backend claims the SGD when it compiles
+        return False
+    limit = _recompile_limit()
+    for value in frame_values:
+        if type(value) is SGD:
+            _refuse_eager_steps(value)
+            _create_states(value)
+            if entries + 1 >= limit:
+                _refused[value] = _cache_full_message(entries, limit)
+            else:  # e.g. traced again after torch._dynamo.reset()
+                _refused.pop(value, None)
+    return False
+
+
+def _recompile_limit() -> int:
+    config = torch._dynamo.config
+    return config.recompile_limit if hasattr(config, "recompile_limit") else config.cache_size_limit  # torch < 2.6
+
+
+def _cache_full_message(entries: int, limit: int) -> str:
+    # The wrapper torch.optim puts around every step takes the optimizer as *args, so Dynamo counts the
+    # compiled steps of all optimizer objects against one recompile_limit (torch 2.13); past it, it runs
+    # further steps eagerly without tracing them, and no lars-fx code could see one.
+    return (
+        "backend 'lars_fx' refuses to compile the step of this torch.optim.SGD: Dynamo keeps the compiled "
+        f"steps of all optimizer objects of this process in one cache of torch._dynamo.config.recompile_limit "
+        f"= {limit} entries ({entries} in use), and this one would take the last. The step of any optimizer "
+        "compiled after it would run eagerly without reaching a backend: for an SGD compiled for backend "
+        "'lars_fx', plain SGD that lars-fx cannot stop. Raise torch._dynamo.config.recompile_limit (e.g. to 64) "
+        "before compiling, or call torch._dynamo.reset() between runs that build new optimizers"
+    )
+
+
+def _step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if torch.compiler.is_compiling():
+        _claim_sgd_traced_for_this_backend()
+
+
+def _create_states(sgd: SGD) -> None:
+    """An (empty) state entry for every parameter of a group with momentum, made before Dynamo first
+    traces ``SGD.step`` (when that step has gradients: a step without any leaves the state empty).
+
+    Dynamo does not guard a parameter state that ``SGD._init_group`` creates while Dynamo compiles a
+    later step (torch 2.13: a parameter whose first gradient comes late): it would rerun that step's
+    graph, which creates the parameter's momentum buffer, once the buffer exists. A state made before
+    the first trace it finds and guards."""
+    params = [p for group in sgd.param_groups if group["momentum"] != 0 for p in group["params"]]
+    if any(p.grad is not None for p in params):
+        for param in params:
+            sgd.state[param]  # a defaultdict: the read makes it
+
+
+class _RunChecks:
+    """What a compiled graph checks before each run, before anything moves.
+
+    The group hyperparameters: those a graph input carries change without a recompile, so they are
+    checked as ``lars_fx.LARS`` checks them. And the parameters whose momentum buffer the graph
+    creates (their first step): Dynamo misses, in its guards, a parameter state that ``SGD._init_group``
+    first creates while Dynamo compiles the step (torch 2.13), and would run this graph again once the
+    buffer exists, restarting the momentum (``_create_states`` prevents that for an SGD claimed before
+    its first trace; this catches the rest).
+    """
+
+    def __init__(self, sgd: SGD, first_steps: list[tuple[torch.Tensor, str]]) -> None:
+        self.sgd_ref = weakref.ref(sgd)
+        self.first_steps = first_steps
+
+    def __call__(self) -> None:
+        sgd = self.sgd_ref()
+        if sgd is None:
+            return
+        for group_index, group in enumerate(sgd.param_groups):
+            _check_group(group_index, group)
+        for param, name in self.first_steps:
+            if sgd.state.get(param, {}).get("momentum_buffer") is not None:
+                raise RuntimeError(_stale_first_step_message(name))
+
+
+def _stale_first_step_message(name: str) -> str:
+    return (
+        f"backend 'lars_fx': Dynamo is about to run the graph it compiled for the first step of parameter "
+        f"{name}, which creates its momentum buffer, but that buffer exists now: Dynamo's guards missed that "
+        "the parameter's optimizer state changed (a torch bug when SGD first creates a parameter's state "
+        "while Dynamo compiles the step, e.g. for a parameter whose first gradient comes after the first "
+        "step). Stopped before any parameter moved: the graph would restart its momentum. Fix: create every "
+        "parameter's state before the first compiled step (for group in sgd.param_groups: for p in "
+        "group['params']: sgd.state[p]) and call torch._dynamo.reset(), or step with lars_fx.LARS(sgd, ...)"
+    )
+
+
+def _first_steps(request: LarsRequest, sgd: SGD, tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, str]]:
+    """The parameters whose momentum buffer the graph creates, with their names."""
+    first = [u for u in request.updates if u.new_buffer is not None and u.buffer_mul is None]
+    return [(tensors[u.param.name], _role_name(sgd, u.role)) for u in first]
+
+
+def _role_name(sgd: SGD, role: ParamRole) -> str:
+    return _parameter_name(sgd.param_groups[role.group_index], role.group_index, role.index_in_group)
+
+
 def lars_fx_backend(
     gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, options: dict[str, Any] | None = None
 ) -> Callable[..., Any]:
@@ -128,7 +366,11 @@ def lars_fx_backend(
     global _compile_count
     resolved = _options(options)
     sgd = _optimizer_being_compiled()
-    lars = LARS(sgd, **resolved)  # validates the options; gives the filter's decisions
+    lars = LARS(sgd, **resolved)  # validates the options and hyperparameters; gives the filter's decisions
+    _refuse_eager_steps(sgd)
+    for group_index in range(len(sgd.param_groups)):
+        lars._collect(group_index)  # sparse or complex gradients: refused as LARS refuses them
+    _refuse_without_data(sgd)
     roles = {
         id(param): ParamRole(group_index, index, lars.lars_mask(group_index)[index])
         for group_index, group in enumerate(sgd.param_groups)
@@ -152,7 +394,9 @@ def lars_fx_backend(
         )
     if not writes_params:
         log.info("lars-fx backend: graph writes no parameter of the optimizer; compiling it unchanged")
-        compiled = compile_fx(canonical, inputs)
+        with standalone():
+            compiled = compile_fx(canonical, inputs)
+        checks = _RunChecks(sgd, [])
     else:
         request = LarsRequest(
             params=params,
@@ -166,17 +410,16 @@ def lars_fx_backend(
         try:
             canonical, _ = run_pipeline(canonical, request, tag=f"backend{_compile_count}")
         except PatternMismatch as error:
-            raise PatternMismatch(
-                error.node, error.pattern, f"{error.why}. backend 'lars_fx' does not run such a step as plain SGD; "
-                "use lars_fx.LARS(sgd, ...) (eager) instead"
-            ) from None
+            raise PatternMismatch(error.node, error.pattern, f"{error.why}. {_HOW_TO_PROCEED}") from None
         finally:
             _compile_count += 1
+        checks = _RunChecks(sgd, _first_steps(request, sgd, dict(zip(placeholders, inputs))))
         carry = CarriedNorms.of(request, canonical)
         if carry is not None:
             carried = compile_with_inductor(canonical, inputs + carry.inputs(inputs))
 
             def run_carrying(*args: torch.Tensor) -> Any:
+                checks()
                 flat = [*args, *lifted]
                 return carry.keep(flat, carried(*flat, *carry.inputs(flat)))
 
@@ -184,6 +427,12 @@ def lars_fx_backend(
         compiled = compile_with_inductor(canonical, inputs)
 
     def run(*args: torch.Tensor) -> Any:
+        checks()
         return compiled(*args, *lifted)
 
     return run
+
+
+# Registered once, at import (torch.compile imports this module to look the backend up, before any
+# trace): registering it later would change the hooks every compiled optimizer step guards on.
+register_optimizer_step_pre_hook(_step_pre_hook)

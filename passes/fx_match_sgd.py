@@ -11,6 +11,10 @@ gradient and its momentum buffer; brackets are optional, ``|`` alternatives)::
     w'  = add(w, mul(dir, neg(lr))) | add(mul(dir, neg(lr)), w) | add(w, dir, alpha=-lr)
     copy_(w, w')   [copy_(b, b')]   [copy_(g, dir)  # foreach nesterov writes into .grad]
 
+A hyperparameter is a number, or a 0-d tensor node: a tensor lr, or a float that changes between
+steps, which ``fx_canonicalize`` made a tensor; there ``add(x, y, alpha=s)`` reads ``add(x, mul(y, s))``
+(``s`` tagged ``lars_fx_scalar``) and ``1 - dampening`` is ``rsub(dampening, 1)``.
+
 Rewrite: none; records one ``SgdUpdate`` per parameter in ``gm.meta["lars_fx"].updates`` and the
 writes into gradients in ``grad_writes`` (the momentum pass drops them).
 Preconditions: ``gm.meta["lars_fx"]`` names the parameter placeholders. Raises ``PatternMismatch``
@@ -24,7 +28,8 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .fx_spec import PatternMismatch, SgdUpdate, request_of
+from .fx_canonicalize import is_scalar_tensor
+from .fx_spec import Hyperparameter, PatternMismatch, SgdUpdate, request_of
 
 __all__ = ["MatchSgdUpdate"]
 
@@ -40,10 +45,31 @@ def _alpha(node: torch.fx.Node) -> object:
     return node.kwargs.get("alpha", 1)
 
 
-def _number(value: object, node: torch.fx.Node, what: str) -> float:
+def _hyperparameter(value: object, node: torch.fx.Node, what: str) -> Hyperparameter:
+    if is_scalar_tensor(value):
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PatternMismatch(node, what, f"expected a number, got {value!r} (a data-dependent scalar?)")
+        raise PatternMismatch(
+            node, what, f"expected a number or a 0-d hyperparameter tensor, got {value!r}, which SGD does not compute"
+        )
     return float(value)
+
+
+def _scaled_addend(add: torch.fx.Node) -> tuple[torch.fx.Node, object, object]:
+    """``add(x, y, alpha=a)`` -> (the node reading y, y, a); ``add(x, mul(y, s))`` with a hyperparameter
+    tensor ``s`` -> (the mul, y, s)."""
+    addend = add.args[1]
+    if "alpha" not in add.kwargs and _is(addend, aten.mul.Tensor) and is_scalar_tensor(addend.args[1]):
+        return addend, addend.args[0], addend.args[1]
+    return add, addend, _alpha(add)
+
+
+def _one_minus(value: Hyperparameter, node: torch.fx.Node, what: str) -> Hyperparameter:
+    if not isinstance(value, torch.fx.Node):
+        return 1 - value
+    if _is(value, aten.rsub.Scalar) and value.args[1] == 1:  # 1 - dampening of a changing dampening
+        return value.args[0]
+    raise PatternMismatch(node, what, f"{value.name} is not 1 - dampening")
 
 
 class MatchSgdUpdate(PassBase):
@@ -94,7 +120,7 @@ def _strip_neg(node: torch.fx.Node) -> torch.fx.Node:
 
 def _match_update(param, new_param, writes, outputs, role) -> SgdUpdate:
     # w' = w - lr * dir, in one of three spellings; `reader` is the node that reads dir.
-    lr: torch.fx.Node | float
+    lr: Hyperparameter
     if _is(new_param, aten.add.Tensor) and _alpha(new_param) == 1 and param in new_param.args[:2]:
         reader = new_param.args[1] if new_param.args[0] is param else new_param.args[0]
         if not (_is(reader, aten.mul.Tensor) and _is(reader.args[1], aten.neg.default)):
@@ -102,7 +128,7 @@ def _match_update(param, new_param, writes, outputs, role) -> SgdUpdate:
         direction, lr = reader.args[0], reader.args[1].args[0]
     elif _is(new_param, aten.add.Tensor) and new_param.args[0] is param:
         reader, direction = new_param, new_param.args[1]
-        lr = -_number(_alpha(new_param), new_param, "SGD parameter update add(w, dir, alpha=-lr)")
+        lr = -_hyperparameter(_alpha(new_param), new_param, "SGD parameter update add(w, dir, alpha=-lr)")
     else:
         raise PatternMismatch(
             new_param, "SGD parameter update w' = w - lr * dir",
@@ -124,13 +150,14 @@ def _match_update(param, new_param, writes, outputs, role) -> SgdUpdate:
     def is_new_buffer(node: object) -> bool:
         return isinstance(node, torch.fx.Node) and (first_reader(node) is not None or is_steady_buffer(node))
 
-    momentum: float | None = 0.0
-    dampening = 0.0
+    momentum: Hyperparameter | None = 0.0
+    dampening: Hyperparameter = 0.0
     new_buffer = buffer_mul = nesterov_add = None
     consumers: set[torch.fx.Node] = set()
-    if _is(direction, aten.add.Tensor) and len(direction.args) == 2 and is_new_buffer(direction.args[1]):
-        nesterov_add, new_buffer = direction, direction.args[1]
-        momentum = _number(_alpha(direction), direction, "nesterov add(d, buf, alpha=momentum)")
+    nesterov = _scaled_addend(direction) if _is(direction, aten.add.Tensor) and len(direction.args) == 2 else None
+    if nesterov is not None and is_new_buffer(nesterov[1]):
+        nesterov_add, new_buffer = direction, nesterov[1]
+        momentum = _hyperparameter(nesterov[2], direction, "nesterov add(d, buf, alpha=momentum)")
         consumers.add(nesterov_add)
     elif is_new_buffer(direction):
         new_buffer, momentum = direction, None
@@ -140,10 +167,10 @@ def _match_update(param, new_param, writes, outputs, role) -> SgdUpdate:
     if new_buffer is not None:
         if is_steady_buffer(new_buffer):
             buffer_mul = new_buffer.args[0]
-            momentum = _number(buffer_mul.args[1], buffer_mul, "momentum buffer mul(buf, momentum)")
-            dampening = 1 - _number(_alpha(new_buffer), new_buffer, "momentum buffer add(m*buf, d, alpha=1-dampening)")
-            buffer_reader = new_buffer
-            decayed = new_buffer.args[1]
+            momentum = _hyperparameter(buffer_mul.args[1], buffer_mul, "momentum buffer mul(buf, momentum)")
+            buffer_reader, decayed, alpha = _scaled_addend(new_buffer)
+            what = "momentum buffer add(m*buf, d, alpha=1-dampening)"
+            dampening = _one_minus(_hyperparameter(alpha, new_buffer, what), new_buffer, what)
         else:
             buffer_reader = first_reader(new_buffer)
             decayed = buffer_reader.args[0]
@@ -154,9 +181,11 @@ def _match_update(param, new_param, writes, outputs, role) -> SgdUpdate:
                 "the momentum buffer and the nesterov step read different gradients",
             )
 
-    if _is(decayed, aten.add.Tensor) and len(decayed.args) == 2 and decayed.args[1] is param:
+    decay = _scaled_addend(decayed) if _is(decayed, aten.add.Tensor) and len(decayed.args) == 2 else None
+    weight_decay: Hyperparameter
+    if decay is not None and decay[1] is param:
         grad = decayed.args[0]
-        weight_decay = _number(_alpha(decayed), decayed, "weight decay add(g, w, alpha=weight_decay)")
+        weight_decay = _hyperparameter(decay[2], decayed, "weight decay add(g, w, alpha=weight_decay)")
     else:
         grad, weight_decay = decayed, 0.0
     raw_grad = _strip_neg(grad)

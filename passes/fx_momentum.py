@@ -5,8 +5,8 @@ Pattern: the ``SgdUpdate`` records of ``match_sgd_update`` (with coefficients fr
 Rewrite, per parameter, where SGD's update read its weight-decayed gradient ``d``:
 
 * LARS parameter: ``u = lars_fx.functional.scaled_gradient(w, g', coeff, weight_decay)`` = ``coeff * (g' + wd * w)``
-  in the compute dtype, cast back to the parameter's dtype; other parameters: ``u = g'`` (no weight
-  decay, as ``lars_fx.LARS``).
+  in the compute dtype, cast back to the parameter's dtype (``wd`` a number or a 0-d tensor); other
+  parameters: ``u = g'`` (no weight decay, as ``lars_fx.LARS``).
 * MindSpore's form (default): SGD's buffer / nesterov / update nodes read ``u`` instead of ``d``.
 * ``lr_inside_momentum`` (the paper's form): they read ``lr * u`` and ``w' = w - dir`` replaces
   ``w' = w - lr * dir``.
@@ -25,7 +25,7 @@ import torch.fx
 from torch._inductor.pattern_matcher import stable_topological_sort
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from lars_fx.functional import scaled_gradient
+from lars_fx.functional import compute_dtype, scaled_gradient
 
 from .fx_norms import write_back_point
 from .fx_spec import PatternMismatch, request_of
@@ -33,6 +33,16 @@ from .fx_spec import PatternMismatch, request_of
 __all__ = ["RewriteMomentum"]
 
 aten = torch.ops.aten
+
+
+def _scaled_gradient_by_tensor(
+    param: torch.Tensor, grad: torch.Tensor, coeff: torch.Tensor, weight_decay: torch.Tensor
+) -> torch.Tensor:
+    """``scaled_gradient`` for a weight decay held in a 0-d tensor (a changing float, see fx_canonicalize),
+    which ``scaled_gradient``'s ``weight_decay != 0`` test cannot take under a trace."""
+    dtype = compute_dtype(param.dtype)
+    decayed = grad.to(dtype) + weight_decay * param.detach().to(dtype)
+    return scaled_gradient(param, decayed, coeff, 0.0).to(grad.dtype)
 
 
 class RewriteMomentum(PassBase):
@@ -47,8 +57,10 @@ class RewriteMomentum(PassBase):
                 if update.role.use_lars:
                     if update.coefficient is None:
                         raise PatternMismatch(update.param, "LARS parameter", "insert_trust_ratio must run first")
+                    by_tensor = isinstance(update.weight_decay, torch.fx.Node)
                     scaled = graph.call_function(
-                        scaled_gradient, (update.param, update.grad, update.coefficient, update.weight_decay)
+                        _scaled_gradient_by_tensor if by_tensor else scaled_gradient,
+                        (update.param, update.grad, update.coefficient, update.weight_decay),
                     )
                 else:
                     scaled = update.grad
@@ -57,7 +69,7 @@ class RewriteMomentum(PassBase):
                 if momentum is not None and update.buffer_mul is not None:
                     update.buffer_mul.args = (update.buffer_mul.args[0], momentum)
                 if momentum is not None and update.nesterov_add is not None:
-                    weighted = graph.call_function(aten.mul.Tensor, (update.nesterov_add.args[1], momentum))
+                    weighted = graph.call_function(aten.mul.Tensor, (update.new_buffer, momentum))
                     update.nesterov_add.args = (update.nesterov_add.args[0], weighted)
                     update.nesterov_add.kwargs = {}
                 if request.lr_inside_momentum:

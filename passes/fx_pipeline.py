@@ -2,8 +2,9 @@
 
 ``FX_PIPELINE`` lists ``(name, pass)`` in order. ``run_pipeline`` runs it on a canonical graph (see
 ``fx_canonicalize``) carrying a ``LarsRequest`` and returns the rewritten graph with its stages.
-``compile_with_inductor`` lowers the result, with ``INDUCTOR_POST_GRAD_PASSES`` run inside Inductor on
-its post-grad graph (the graph AOT autograd re-functionalizes from ours).
+``compile_with_inductor`` lowers the result, as a graph of its own (``standalone``), with
+``INDUCTOR_POST_GRAD_PASSES`` run inside Inductor on its post-grad graph (the graph AOT autograd
+re-functionalizes from ours).
 
 For researchers:
 
@@ -16,13 +17,15 @@ For researchers:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 import torch.fx
 from torch import Tensor
 from torch._inductor import config as inductor_config
@@ -39,7 +42,7 @@ from .fx_trust_ratio import InsertTrustRatio
 
 __all__ = [
     "FX_PIPELINE", "INDUCTOR_POST_GRAD_PASSES", "Stage", "pipeline_names", "run_pipeline", "compile_with_inductor",
-    "graph_text",
+    "graph_text", "standalone",
 ]
 
 log = logging.getLogger("lars_fx.passes")
@@ -152,6 +155,7 @@ def compile_with_inductor(
     """``compile_fx(gm, example_inputs)`` with ``INDUCTOR_POST_GRAD_PASSES`` added after any post-grad
     pass the user configured; ``disabled`` defaults to ``$LARS_FX_DISABLE``.
 
+    ``gm`` is compiled as a graph of its own (``standalone``), also when a Dynamo backend calls this.
     ``check_input_layout=False`` drops Inductor's per-call asserts on every input's size and stride (a
     Python call per input per step), for a caller whose own guards already pin them.
     """
@@ -164,5 +168,22 @@ def compile_with_inductor(
     existing = inductor_config.post_grad_custom_post_pass  # torch >= 2.12 also takes a list
     passes = (list(existing) if isinstance(existing, (list, tuple)) else [existing] if existing is not None else []) + passes
     post_grad = passes[0] if len(passes) == 1 else _Chained(passes) if passes else None
-    with inductor_config.patch(post_grad_custom_post_pass=post_grad, size_asserts=check_input_layout):
+    with standalone(), inductor_config.patch(post_grad_custom_post_pass=post_grad, size_asserts=check_input_layout):
         return compile_fx(gm, example_inputs)
+
+
+@contextlib.contextmanager
+def standalone() -> Iterator[None]:
+    """A tracing context of its own for Inductor: a fresh fake mode and shape env, static shapes.
+
+    Not the caller's: inside a Dynamo backend, AOT autograd's tensorify pass would specialise every
+    float that changes between calls (and have Dynamo re-trace with a guard on its value) since the
+    graphs the passes rewrite read those as tensors, not ``.item()``s (see ``fx_canonicalize``). With a
+    shape env of its own, Inductor's FX graph cache works (without one it is bypassed).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True)
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        yield

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-__all__ = ["ParamRole", "LarsRequest", "SgdUpdate", "LarsBatch", "PatternMismatch", "request_of"]
+__all__ = ["ParamRole", "LarsRequest", "SgdUpdate", "LarsBatch", "PatternMismatch", "request_of", "Hyperparameter"]
+
+# An SGD hyperparameter as the graph has it: a number the tracer specialised on, or a 0-d tensor node
+# (a tensor lr, or a float that changes between steps; see fx_canonicalize).
+Hyperparameter = float | torch.fx.Node
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,9 @@ class SgdUpdate:
     ``grad`` is the gradient after ``maximize`` (what SGD adds weight decay to); ``decayed`` the
     gradient after SGD's weight decay (``grad`` itself when ``weight_decay == 0``); ``consumers`` are
     the update's nodes that read it, whose inputs the momentum pass redirects to the LARS-scaled
-    gradient. ``direction`` is what SGD subtracts (times lr) from the parameter. ``lr`` is a graph node (tensor lr) or
-    a float (lr specialised by the tracer). ``buffer_mul`` is ``mul(buf, momentum)`` of a step with an
+    gradient. ``direction`` is what SGD subtracts (times lr) from the parameter. ``lr``, ``weight_decay``,
+    ``momentum`` and ``dampening`` are ``Hyperparameter``s: a float (specialised by the tracer) or a 0-d
+    tensor node (a tensor lr, or a changing float). ``buffer_mul`` is ``mul(buf, momentum)`` of a step with an
     existing momentum buffer; ``nesterov_add`` is ``add(decayed, new_buf, alpha=momentum)``;
     ``momentum`` is None on a first step without nesterov (the graph never multiplies by it).
     """
@@ -69,13 +74,13 @@ class SgdUpdate:
     param: torch.fx.Node
     grad: torch.fx.Node
     decayed: torch.fx.Node
-    weight_decay: float
-    lr: torch.fx.Node | float
+    weight_decay: Hyperparameter
+    lr: Hyperparameter
     new_param: torch.fx.Node
     direction: torch.fx.Node
     consumers: set[torch.fx.Node] = field(default_factory=set)
-    momentum: float | None = 0.0
-    dampening: float = 0.0
+    momentum: Hyperparameter | None = 0.0
+    dampening: Hyperparameter = 0.0
     new_buffer: torch.fx.Node | None = None
     buffer_mul: torch.fx.Node | None = None
     nesterov_add: torch.fx.Node | None = None

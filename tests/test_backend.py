@@ -3,11 +3,14 @@ float64 reference over >= 10 steps with fresh gradients."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import lars_fx
+import lars_fx.backend
 from lars_fx.backend import lars_fx_backend
 from lars_fx.functional import lars_sgd_reference
 
@@ -28,36 +31,67 @@ def tiny_model(seed=0, device="cpu", dtype=torch.float32):
     return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).to(device, dtype)
 
 
+class Reference:
+    """The float64 reference of one model's SGD turned LARS, advanced one step at a time (one param group)."""
+
+    def __init__(self, model, sgd, lars_options, seed=500):
+        self.params = list(model.parameters())
+        self.sgd, self.seed = sgd, seed
+        filt = lars_options.get("lars_filter", lars_fx.default_lars_filter)
+        self.mask = [bool(filt(lars_fx.ParamInfo(n, p, 0, i))) for i, (n, p) in enumerate(model.named_parameters())]
+        self.lars_kwargs = {k: v for k, v in lars_options.items() if k not in ("lars_filter", "carry_weight_norms")}
+        self.restart()
+        self.buffers = [None] * len(self.params)
+
+    def restart(self):
+        """Take the weights as they are now (after a write between steps)."""
+        self.ref = [p.detach().double().clone() for p in self.params]
+
+    def fresh_gradients(self, i):
+        gen = torch.Generator().manual_seed(self.seed + i)
+        for p in self.params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+
+    def step_and_compare(self, step, rtol=2e-5, atol=1e-6):
+        group = self.sgd.param_groups[0]
+        step()
+        self.buffers = lars_sgd_reference(
+            self.ref, [p.grad.double() for p in self.params], self.buffers, self.mask, lr=float(group["lr"]),
+            weight_decay=group["weight_decay"], momentum=group["momentum"], dampening=group["dampening"],
+            nesterov=group["nesterov"], maximize=group["maximize"], **self.lars_kwargs,
+        )
+        for got, want in zip(self.params, self.ref):
+            torch.testing.assert_close(got.detach().double(), want, rtol=rtol, atol=atol)
+        if group["momentum"] != 0:
+            for p, want in zip(self.params, self.buffers):
+                torch.testing.assert_close(self.sgd.state[p]["momentum_buffer"].double(), want, rtol=rtol, atol=atol)
+
+
 def run_against_reference(
     model, sgd, step, lars_options, steps=STEPS, before_step=None, rtol=2e-5, atol=1e-6, before_step_writes_weights=False
 ):
-    names = [n for n, _ in model.named_parameters()]
-    params = list(model.parameters())
-    filt = lars_options.get("lars_filter", lars_fx.default_lars_filter)
-    mask = [bool(filt(lars_fx.ParamInfo(n, p, 0, i))) for i, (n, p) in enumerate(zip(names, params))]
-    ref = [p.detach().double().clone() for p in params]
-    buffers = [None] * len(params)
-    group = sgd.param_groups[0]
-    lars_kwargs = {k: v for k, v in lars_options.items() if k not in ("lars_filter", "carry_weight_norms")}
+    reference = Reference(model, sgd, lars_options)
     for i in range(steps):
-        gen = torch.Generator().manual_seed(500 + i)
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+        reference.fresh_gradients(i)
         if before_step is not None:
             before_step(i)
             if before_step_writes_weights:
-                ref = [p.detach().double().clone() for p in params]
-        step()
-        buffers = lars_sgd_reference(
-            ref, [p.grad.double() for p in params], buffers, mask, lr=float(group["lr"]),
-            weight_decay=group["weight_decay"], momentum=group["momentum"], dampening=group["dampening"],
-            nesterov=group["nesterov"], maximize=group["maximize"], **lars_kwargs,
-        )
-        for got, want in zip(params, ref):
-            torch.testing.assert_close(got.detach().double(), want, rtol=rtol, atol=atol)
-        if group["momentum"] != 0:
-            for p, want in zip(params, buffers):
-                torch.testing.assert_close(sgd.state[p]["momentum_buffer"].double(), want, rtol=rtol, atol=atol)
+                reference.restart()
+        reference.step_and_compare(step, rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def graphs_run_eagerly(monkeypatch):
+    """The backend's rewritten graphs run as they are, without Inductor: Dynamo, the capture and the
+    passes as in real use, in about a second per graph. Returns the list of graphs the backend built."""
+    built = []
+
+    def run_eagerly(gm, inputs):
+        built.append(gm)
+        return gm
+
+    monkeypatch.setattr(lars_fx.backend, "compile_with_inductor", run_eagerly)
+    return built
 
 
 def test_backend_resolves_by_name():
@@ -196,3 +230,250 @@ def test_mindspore_replay_through_backend(name):
             group["lr"].fill_(lrs[index])
 
     mindspore_replay.run(name, scenario, model, step, set_lr)
+
+
+def assert_refused_before_anything_moves(step, model, error, match):
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match=match):
+        step()
+    assert all(p.is_meta or torch.equal(p, b) for p, b in zip(model.parameters(), before))  # meta: no values
+
+
+@pytest.fixture
+def recompile_limit_2():
+    with torch._dynamo.config.patch(recompile_limit=2):
+        yield
+
+
+@pytest.fixture
+def graph_caches_on(monkeypatch, tmp_path):
+    """Inductor's FX graph cache and AOT autograd's cache on, in a cache directory of this test's own."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with torch._inductor.config.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True):
+        yield
+
+
+def float_hyperparameters_at(i, nesterov):
+    """Every float hyperparameter changes at every step (as OneCycleLR and CyclicLR move lr and momentum)."""
+    values = {"lr": 0.4 * 0.9**i, "momentum": 0.9 - 0.03 * i, "weight_decay": 0.01 + 0.002 * i}
+    if not nesterov:
+        values["dampening"] = 0.05 * i
+    return values
+
+
+SYMBOLIC_CASES = {
+    "foreach": (dict(foreach=True), {}),
+    "for-loop-maximize-clip": (dict(foreach=False, maximize=True), {"use_clip": True}),
+    "foreach-nesterov-lr-inside-momentum": (dict(foreach=True, nesterov=True), {"lr_inside_momentum": True}),
+    "for-loop-nesterov-unit-trust-no-carry": (
+        dict(foreach=False, nesterov=True), {"unit_trust_on_zero_norm": True, "carry_weight_norms": False}),
+}
+
+
+@pytest.mark.parametrize("case", SYMBOLIC_CASES)
+def test_changing_float_hyperparameters_become_graph_inputs(case, graphs_run_eagerly):
+    """lr, momentum, weight decay and dampening as changing floats: Dynamo makes them SymFloat inputs of
+    the second graph, which every later value reuses (float64, so the graph must match the reference
+    to rounding)."""
+    sgd_options, lars_options = SYMBOLIC_CASES[case]
+    model = tiny_model(9, dtype=torch.float64)
+    sgd = torch.optim.SGD(model.named_parameters(), **float_hyperparameters_at(0, False), **sgd_options)
+    options = {"coefficient": 0.05, **lars_options}
+    step = torch.compile(sgd.step, backend="lars_fx", options=options)
+
+    def schedule(i):
+        sgd.param_groups[0].update(float_hyperparameters_at(i, sgd_options.get("nesterov", False)))
+
+    run_against_reference(model, sgd, step, options, steps=8, before_step=schedule, rtol=1e-10, atol=1e-12)
+    assert len(graphs_run_eagerly) == 2  # the first step (no buffers, values as constants), then one for all
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_float_lr_schedulers_and_several_optimizers_with_the_caches_on(graph_caches_on):
+    """Through Inductor with its graph caches on (torch's default) in a fresh cache directory: OneCycleLR
+    cycling lr and momentum on float values for two SGDs of the same shape (the second one's graph
+    comes from the cache) and a third SGD with another float lr, in one process. Every step is compared:
+    a graph that baked one value in would be caught at the next."""
+    from torch._dynamo.utils import counters
+
+    compiles = {"a": 0, "b": 0, "c": 0}
+
+    def counting(name, options):
+        def backend(gm, example_inputs):
+            compiles[name] += 1
+            return lars_fx_backend(gm, example_inputs, options=options)
+
+        return backend
+
+    options = {"coefficient": 0.02}
+    runs = []
+    for name, seed, max_lr in [("a", 11, 0.5), ("c", 13, 0.3)]:
+        model = tiny_model(seed)
+        sgd = torch.optim.SGD(model.named_parameters(), lr=max_lr, momentum=0.9, weight_decay=1e-2, foreach=True)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=max_lr, total_steps=STEPS + 1, cycle_momentum=True)
+        step = torch.compile(sgd.step, backend=counting(name, options))
+        runs.append((Reference(model, sgd, options, seed=seed), step, scheduler))
+    model_b = tiny_model(12)
+    sgd_b = torch.optim.SGD(model_b.named_parameters(), lr=0.3, weight_decay=1e-2, foreach=False)
+    options_b = {"coefficient": 0.05, "use_clip": True}
+    step_b = torch.compile(sgd_b.step, backend=counting("b", options_b))
+    runs.append((Reference(model_b, sgd_b, options_b, seed=900), step_b, None))
+    group = runs[0][0].sgd.param_groups[0]
+    seen = []
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    for i in range(STEPS):
+        seen.append((group["lr"], group["momentum"]))
+        for reference, step, scheduler in runs:
+            reference.fresh_gradients(i)
+            reference.step_and_compare(step)
+            if scheduler is not None:
+                scheduler.step()
+    assert len(set(seen)) == STEPS and all(isinstance(v, float) for pair in seen for v in pair)
+    # a: the first step, then one graph for the buffers and every value; c: values dynamic from the start
+    # (Dynamo saw a's change), so its first step compiles once, and its steady graph is a's, from the cache;
+    # b: lr already dynamic
+    assert compiles == {"a": 2, "c": 2, "b": 1}
+    assert counters["inductor"]["fxgraph_cache_hit"] > hits
+
+    # A hyperparameter set to a value SGD refuses is refused before anything moves: by the backend when
+    # the value recompiles (a constant that changed, a NaN), at the run when a graph input carries it.
+    reference, step_a, _ = runs[0]
+    model_a = nn.Module()
+    model_a.params = nn.ParameterList(reference.params)
+    for key, bad in [("lr", -0.5), ("momentum", math.nan), ("dampening", -0.1), ("weight_decay", math.inf)]:
+        saved, group[key] = group[key], bad
+        match = rf"param_groups\[0\]\['{key}'\] must be a finite number >= 0"
+        assert_refused_before_anything_moves(step_a, model_a, ValueError if key == "lr" else Exception, match)
+        group[key] = saved
+        if key == "lr":
+            assert compiles == {"a": 2, "c": 2, "b": 1}  # the run-time check: no compile saw the value
+
+
+def test_steps_dynamo_stops_compiling_are_refused(graphs_run_eagerly, recompile_limit_2):
+    """Never plain SGD: past Dynamo's recompile limit (here a different parameter without a gradient at
+    each step) Dynamo runs the step eagerly, and so does a call without torch.compile."""
+    model = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(3)])
+    sgd = torch.optim.SGD(model.named_parameters(), lr=torch.tensor(0.1), momentum=0.9)
+    step = torch.compile(sgd.step, backend="lars_fx")
+    params = list(model.parameters())
+    for i in range(3):
+        for j, p in enumerate(params):
+            p.grad = None if j == i else torch.randn_like(p)
+        if i < 2:
+            step()
+    assert len(graphs_run_eagerly) == 2
+    assert_refused_before_anything_moves(step, model, RuntimeError, r"hit torch._dynamo.config.recompile_limit \(2")
+    assert_refused_before_anything_moves(sgd.step, model, RuntimeError, "the step was called without torch.compile")
+
+
+def test_a_step_without_gradients_moves_nothing_and_one_dynamo_then_skips_is_refused(graphs_run_eagerly):
+    """A first step without any gradient traces to an empty graph: Dynamo then skips SGD.step for good, so
+    the next step, with gradients, would run eagerly."""
+    model = tiny_model(16)
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    step = torch.compile(sgd.step, backend="lars_fx")
+    before = [p.detach().clone() for p in model.parameters()]
+    step()  # nothing to step: runs (eagerly), moves nothing
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    match = r"skips SGD.step for good since a step it traced found no gradient at all.*torch._dynamo.reset\(\)"
+    assert_refused_before_anything_moves(step, model, RuntimeError, match)
+    assert graphs_run_eagerly == [] and len(sgd.state) == 0
+
+
+def test_sparse_gradients_are_refused_though_dynamo_gives_up_before_the_backend():
+    """Dynamo cannot trace a sparse gradient and runs the step eagerly without ever calling the backend."""
+    model = nn.ModuleDict({"emb": nn.Embedding(6, 3, sparse=True), "lin": nn.Linear(3, 2)})
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    step = torch.compile(sgd.step, backend="lars_fx")
+    model["lin"](model["emb"](torch.tensor([1, 2]))).sum().backward()
+    match = r"LARS got a sparse gradient for 'emb.weight' .*use a dense embedding \(sparse=False\)"
+    assert_refused_before_anything_moves(step, model, ValueError, match)
+
+
+def test_an_optimizer_taking_dynamos_last_cache_entry_is_refused(graphs_run_eagerly, recompile_limit_2):
+    """torch.optim's step wrapper takes the optimizer as *args, so Dynamo counts the compiled steps of all
+    optimizer objects against one recompile_limit and runs any step past it eagerly, calling no backend:
+    the SGD that would fill the cache is refused rather than let the next one be plain SGD unseen."""
+    models = [tiny_model(seed) for seed in (13, 14)]
+    sgds = [torch.optim.SGD(m.named_parameters(), lr=0.1) for m in models]
+    steps = [torch.compile(sgd.step, backend="lars_fx") for sgd in sgds]
+    for model in models:
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+    steps[0]()
+    match = r"recompile_limit = 2 entries \(1 in use\), and this one would take the last"
+    assert_refused_before_anything_moves(steps[1], models[1], Exception, match)
+
+
+@pytest.mark.parametrize("kind", ["complex", "meta"])
+def test_parameters_lars_cannot_step_are_refused(kind):
+    if kind == "complex":
+        model = nn.ParameterDict({"w": nn.Parameter(torch.randn(3, dtype=torch.complex64))})
+        match = "LARS got a complex gradient for w; .*hold it as a real parameter"
+    else:
+        model = nn.Linear(3, 2, device="meta")
+        match = r"cannot step parameter 'weight' \(param_groups\[0\]\['params'\]\[0\]\): the parameter is on the meta"
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    assert_refused_before_anything_moves(torch.compile(sgd.step, backend="lars_fx"), model, Exception, match)
+
+
+@pytest.mark.parametrize("shape, foreach", [((1,), True), ((1, 1), False)])
+def test_one_element_lr_tensors(shape, foreach, graphs_run_eagerly):
+    """torch.optim.SGD takes an lr tensor of any one-element shape (it squeezes it)."""
+    model = tiny_model(8)
+    sgd = torch.optim.SGD(model.named_parameters(), lr=torch.full(shape, 0.1), momentum=0.9, weight_decay=1e-2,
+                          foreach=foreach)
+    options = {"coefficient": 0.02, "use_clip": True}
+    step = torch.compile(sgd.step, backend="lars_fx", options=options)
+
+    def decay(i):
+        sgd.param_groups[0]["lr"].mul_(0.9)
+
+    run_against_reference(model, sgd, step, options, before_step=decay)
+
+
+def test_a_graph_the_passes_do_not_understand_says_how_to_proceed(monkeypatch):
+    monkeypatch.setenv("LARS_FX_DISABLE", "insert_lars_norms")
+    model = tiny_model(15)
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    match = r"insert_trust_ratio must run first.*lars_fx.LARS\(sgd, \.\.\.\) \(eager, or fused=True\).*LARS_FX_DUMP"
+    assert_refused_before_anything_moves(torch.compile(sgd.step, backend="lars_fx"), model, Exception, match)
+
+
+@pytest.mark.parametrize("backend", ["by_name", "wrapped"])
+def test_a_parameter_whose_first_gradient_comes_later(backend, graphs_run_eagerly):
+    """Dynamo does not guard a parameter state SGD first creates while it compiles a later step (torch
+    2.13): it would rerun that step's graph, which creates the parameter's momentum buffer, once the
+    buffer exists, restarting its momentum. backend="lars_fx" creates the states before Dynamo first
+    traces SGD.step, and the late parameter follows the reference; a backend that only calls
+    lars_fx_backend is not seen that early, and the stale graph is refused."""
+    torch.manual_seed(17)
+    model = nn.ParameterDict({name: nn.Parameter(torch.randn(3, 2)) for name in ("a", "b", "late")})
+    late = model["late"]
+    groups = [{"params": [("a", model["a"])]}, {"params": [("b", model["b"]), ("late", late)], "lr": 0.1}]
+    sgd = torch.optim.SGD(groups, lr=0.3, momentum=0.9)
+    options = {"coefficient": 0.05, "lars_filter": lambda p: True}
+    if backend == "by_name":
+        step = torch.compile(sgd.step, backend="lars_fx", options=options)
+    else:
+        step = torch.compile(sgd.step, backend=lambda gm, inputs: lars_fx_backend(gm, inputs, options=options))
+    want, buffer = [late.detach().double().clone()], [None]
+    for i in range(4):
+        for p in model.values():
+            p.grad = None if (p is late and i == 0) else torch.randn_like(p)
+        if i == 2 and backend == "wrapped":
+            match = r"first step of parameter 'late' \(param_groups\[1\]\['params'\]\[1\]\).*sgd.state\[p\]"
+            assert_refused_before_anything_moves(step, model, RuntimeError, match)
+            return
+        step()
+        if late.grad is not None:
+            buffer = lars_sgd_reference(want, [late.grad.double()], buffer, [True], lr=0.1, momentum=0.9,
+                                        coefficient=0.05, epsilon=1e-5, weight_decay=0.0)
+        torch.testing.assert_close(late.detach().double(), want[0], rtol=2e-5, atol=1e-6)
+    assert len(graphs_run_eagerly) == 3  # no buffers; late's first step; every buffer

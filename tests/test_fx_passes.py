@@ -224,6 +224,58 @@ def test_match_rejects_writes_to_unknown_inputs():
         run_pipeline(gm, request_for(names[:1], [True]), disabled=())
 
 
+def symbolic_sgd_step(n, *, nesterov, maximize, lr_of=lambda lr: lr):
+    """torch.optim.SGD's per-tensor update (existing buffers) with lr, momentum, weight decay and dampening
+    read from 0-d tensors with ``.item()``: symbolic scalars under make_fx, as Dynamo hands a changing
+    float to a backend. Inputs: [lr, momentum, weight_decay, dampening, params, grads, buffers]."""
+
+    def step(*flat):
+        lr, momentum, decay, dampening = (t.item() for t in flat[:4])
+        params, grads, buffers = flat[4 : 4 + n], flat[4 + n : 4 + 2 * n], flat[4 + 2 * n :]
+        for p, g, b in zip(params, grads, buffers, strict=True):
+            d = (-g if maximize else g).add(p, alpha=decay)
+            b.mul_(momentum).add_(d, alpha=1 - dampening)
+            p.add_(d.add(b, alpha=momentum) if nesterov else b, alpha=-lr_of(lr))
+
+    return step
+
+
+@pytest.mark.parametrize("nesterov, maximize, lars", [
+    (False, False, {}), (True, True, {"use_clip": True}), (False, True, {"lr_inside_momentum": True}),
+])
+def test_symbolic_hyperparameters_become_tensor_inputs(nesterov, maximize, lars):
+    params, grads, buffers = make_state(seed=4)
+    hyper = dict(lr=0.3, momentum=0.8, weight_decay=0.01, dampening=0.0 if nesterov else 0.2)
+    scalars = [torch.tensor(v, dtype=torch.float64) for v in hyper.values()]
+    mask = [True, False, True, True]
+    expected_params = [p.clone() for p in params]
+    expected_buffers = lars_sgd_reference(expected_params, grads, [b.clone() for b in buffers], mask, coefficient=0.02,
+                                          epsilon=1e-5, nesterov=nesterov, maximize=maximize, **hyper, **lars)
+    inputs = scalars + params + grads + buffers
+    gm = canonicalize(symbolic_sgd_step(len(params), nesterov=nesterov, maximize=maximize), inputs)
+    symbolic = [n for n in gm.graph.nodes if isinstance(n.meta.get("val"), (torch.SymFloat, torch.SymInt))]
+    assert symbolic == [] and not any(n.target is aten._local_scalar_dense.default for n in gm.graph.nodes)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [n.name for n in placeholders[4 : 4 + len(params)]]
+    request = request_for(names, mask, coefficient=0.02, **lars)
+    gm, _ = run_pipeline(gm, request, disabled=())
+    lr, momentum, weight_decay, dampening = placeholders[:4]
+    for update in request.updates:
+        assert (update.lr, update.momentum, update.weight_decay) == (lr, momentum, weight_decay)
+        assert update.dampening is dampening
+    gm(*inputs)  # runs eagerly, writing the parameters and buffers in place
+    for got, want in [*zip(params, expected_params), *zip(buffers, expected_buffers)]:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_symbolic_arithmetic_the_passes_cannot_take_is_named():
+    params, grads, buffers = make_state()
+    scalars = [torch.tensor(v, dtype=torch.float64) for v in (0.1, 0.9, 0.0, 0.0)]
+    step = symbolic_sgd_step(len(params), nesterov=False, maximize=False, lr_of=lambda lr: lr**2)
+    with pytest.raises(PatternMismatch, match="of a symbolic scalar: the passes turn only"):
+        canonicalize(step, scalars + params + grads + buffers)
+
+
 def test_dump_and_disable(tmp_path, monkeypatch, caplog):
     params, grads, buffers = make_state()
     kwargs = dict(lr=0.1, foreach=True, momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=False, maximize=False)
