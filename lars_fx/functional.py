@@ -93,8 +93,9 @@ def trust_ratio(
     """
     coeff = coefficient * w_norm / (g_norm + weight_decay * w_norm + epsilon)
     # A norm that overflowed its dtype (inf) would give a finite, wrong ratio (0 for ||g|| = inf): make
-    # it NaN so the step says so. 0 * finite adds nothing; 0 * inf is NaN.
-    coeff = coeff + 0 * (w_norm + g_norm)
+    # it NaN so the step says so. s - s is 0 for a finite s and NaN for inf (Inductor folds 0 * s to 0).
+    norms = w_norm + g_norm
+    coeff = coeff + (norms - norms)
     if unit_trust_on_zero_norm:
         coeff = torch.where((w_norm > 0) & (g_norm > 0), coeff, torch.ones_like(coeff))
     if use_clip:
@@ -159,7 +160,8 @@ def momentum_update(
     ``momentum_buffer`` is None on the first step (the buffer starts as the update, as in
     ``torch.optim.SGD``). With ``lr_inside_momentum`` the buffer holds ``lr * u`` terms (the paper's form).
     """
-    velocity_input = lr * update if lr_inside_momentum else update
+    # A 0-d update times a 0-d lr of a wider dtype promotes: keep the update's (and so the buffer's) dtype.
+    velocity_input = (lr * update).to(update.dtype) if lr_inside_momentum else update
     if momentum == 0:
         param.sub_(velocity_input if lr_inside_momentum else lr * velocity_input)
         return None
@@ -395,7 +397,10 @@ def lars_sgd_foreach(
         buffers = [momentum_buffers[i] for i in indices]
         _momentum_step(
             ws, gs, buffers, a, b if has_weight_term else None,
-            lr=lr, momentum=momentum if has_momentum else None, dampening=dampening, nesterov=nesterov,
+            # A tensor lr in the compute dtype: products with it (lr * momentum, ...) are 0-d and would
+            # otherwise round to the lr's dtype (a float32 lr against float64 parameters).
+            lr=lr.to(cdtype) if isinstance(lr, Tensor) else lr,
+            momentum=momentum if has_momentum else None, dampening=dampening, nesterov=nesterov,
             lr_inside_momentum=lr_inside_momentum,
         )
         for i, buf in zip(indices, buffers):
@@ -474,4 +479,4 @@ def _update_buffers(
         if b is not None:
             torch._foreach_addcmul_(new, [ws[k] for k in fresh], _per_tensor(velocity_scale * b, new, fresh))
         for k, buf in zip(fresh, new):
-            buffers[k] = buf
+            buffers[k] = buf.to(gs[k].dtype)  # a 0-d gradient times a 0-d float32 scalar promotes: keep g's dtype

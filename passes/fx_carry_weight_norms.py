@@ -3,7 +3,7 @@
 Pattern: the batches of ``insert_lars_norms``, when the request asks for it
 (``LarsRequest.carry_weight_norms``); runs after ``rewrite_momentum``, so each ``SgdUpdate.new_param``
 is the value the step writes back into its parameter.
-Rewrite, per batch: its ``squared_norms([w...])`` node becomes a new graph input (placeholder
+Rewrite, per batch of float32 or float64 weights (half-precision ones keep reading ``w``): its ``squared_norms([w...])`` node becomes a new graph input (placeholder
 ``carried_w_sq_norm_<k>``, after the existing inputs, in ``LarsRequest.carried_batches`` order), and
 ``squared_norms([w'...])`` of the weights the step writes back is appended to the graph's outputs (same
 order). The caller feeds step t's outputs to step t+1. Inductor computes those reductions inside the
@@ -25,6 +25,11 @@ from .fx_spec import PatternMismatch, request_of
 __all__ = ["CarryWeightNorms"]
 
 
+def _stored_dtype(param: torch.fx.Node) -> torch.dtype | None:
+    value = param.meta.get("val")
+    return value.dtype if value is not None else None
+
+
 class CarryWeightNorms(PassBase):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         request = request_of(gm, "carry_weight_norms")
@@ -34,11 +39,15 @@ class CarryWeightNorms(PassBase):
         last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
         output = next(n for n in graph.nodes if n.op == "output")
         carried_outputs = []
-        for k, batch in enumerate(request.batches):
+        for batch in request.batches:
             if batch.w_sq_norm is None:
                 raise PatternMismatch(None, "LARS batch", "insert_lars_norms must run before carry_weight_norms")
+            if any(_stored_dtype(update.param) != batch.compute_dtype for update in batch.updates):
+                # Half-precision weights: Inductor would sum w' in float32 before its rounding to the
+                # stored dtype, a norm ~1e-4 off the weights' own. They keep reading w.
+                continue
             with graph.inserting_after(last_input):
-                last_input = graph.placeholder(f"carried_w_sq_norm_{k}")
+                last_input = graph.placeholder(f"carried_w_sq_norm_{len(request.carried_batches)}")
             batch.w_sq_norm.replace_all_uses_with(last_input)
             graph.erase_node(batch.w_sq_norm)
             batch.w_sq_norm = last_input
@@ -46,6 +55,8 @@ class CarryWeightNorms(PassBase):
                 new_weights = [update.new_param for update in batch.updates]
                 carried_outputs.append(graph.call_function(squared_norms, (new_weights, batch.compute_dtype)))
             request.carried_batches.append(batch)
+        if not carried_outputs:
+            return PassResult(gm, False)
         existing = output.args[0] if output.args[0] is not None else ()
         output.args = (tuple(existing) + tuple(carried_outputs),)
         graph.lint()

@@ -102,6 +102,12 @@ class _Symbol:
     def __radd__(self, other: Any) -> _Symbol:
         return self._op("Add", self._lift(other), self.value)
 
+    def __sub__(self, other: Any) -> _Symbol:
+        return self._op("Sub", self.value, self._lift(other))
+
+    def __rsub__(self, other: Any) -> _Symbol:
+        return self._op("Sub", self._lift(other), self.value)
+
     def __mul__(self, other: Any) -> _Symbol:
         return self._op("Mul", self.value, self._lift(other))
 
