@@ -55,7 +55,7 @@ from torch.optim import SGD
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .carried_norms import CarriedNorms
-from .optimizer import LARS, _check_group, unsupported_gradient_message
+from .optimizer import LARS, _check_group, parameter_name, refuse_parameters_without_data, unsupported_gradient_message
 from .passes.fx_canonicalize import canonicalize
 from .passes.fx_pipeline import compile_with_inductor, run_pipeline, standalone
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
@@ -143,34 +143,6 @@ def _lift_attributes(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, li
     return torch.fx.GraphModule(gm, graph), lifted
 
 
-def _parameter_name(group: dict[str, Any], group_index: int, index: int) -> str:
-    names = group.get("param_names")
-    where = f"param_groups[{group_index}]['params'][{index}]"
-    return f"{names[index]!r} ({where})" if names else where
-
-
-def _refuse_without_data(sgd: SGD) -> None:
-    """Parameters on the meta device or fake tensors: no kernel can read or write them."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    for group_index, group in enumerate(sgd.param_groups):
-        for index, param in enumerate(group["params"]):
-            for what, tensor in (("the parameter", param), ("its gradient", param.grad)):
-                if tensor is None:
-                    continue
-                fake = type(tensor) not in (torch.Tensor, torch.nn.Parameter) and is_fake(tensor)
-                if fake or tensor.is_meta:
-                    described = "a FakeTensor (made under FakeTensorMode)" if fake else "on the meta device"
-                    fix = (
-                        "Step the optimizer outside FakeTensorMode." if fake else "Materialize the model first (e.g. "
-                        "model.to_empty(device=...) and initialize it) and build the optimizer from those parameters."
-                    )
-                    raise ValueError(
-                        f"backend 'lars_fx' cannot step parameter {_parameter_name(group, group_index, index)}: "
-                        f"{what} is {described} and holds no data for a compiled kernel to read or write. {fix}"
-                    )
-
-
 # SGDs whose step raises even under Dynamo, with the reason (see _claim_sgd_traced_for_this_backend).
 _refused: weakref.WeakKeyDictionary[SGD, str] = weakref.WeakKeyDictionary()
 
@@ -200,7 +172,7 @@ def _eager_step_error(sgd: SGD) -> Exception:
         for index, param in enumerate(group["params"]):
             grad = param.grad
             if grad is not None and (grad.is_sparse or grad.is_complex() or param.is_complex()):
-                name = _parameter_name(group, group_index, index)
+                name = parameter_name(group, group_index, index)
                 return ValueError(unsupported_gradient_message(name, param, grad))  # why Dynamo gave up
     limit = _recompile_limit()
     return RuntimeError(
@@ -349,7 +321,7 @@ def _first_steps(request: LarsRequest, sgd: SGD, tensors: dict[str, torch.Tensor
 
 
 def _role_name(sgd: SGD, role: ParamRole) -> str:
-    return _parameter_name(sgd.param_groups[role.group_index], role.group_index, role.index_in_group)
+    return parameter_name(sgd.param_groups[role.group_index], role.group_index, role.index_in_group)
 
 
 def lars_fx_backend(
@@ -370,7 +342,7 @@ def lars_fx_backend(
     _refuse_eager_steps(sgd)
     for group_index in range(len(sgd.param_groups)):
         lars._collect(group_index)  # sparse or complex gradients: refused as LARS refuses them
-    _refuse_without_data(sgd)
+    refuse_parameters_without_data(sgd.param_groups, sgd.state, "backend 'lars_fx'")
     roles = {
         id(param): ParamRole(group_index, index, lars.lars_mask(group_index)[index])
         for group_index, group in enumerate(sgd.param_groups)

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.optim.sgd import sgd
 
 from .carried_norms import CarriedNorms
 from .functional import NormCollector
+from .optimizer import refuse_parameters_without_data
 from .passes.fx_canonicalize import canonicalize
 from .passes.fx_pipeline import compile_with_inductor, run_pipeline
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["MAX_GRAPHS", "FusedStep", "InspectReport", "inspect_step"]
 
 log = logging.getLogger("lars_fx.fused")
+
+_OR_EAGER = ", or use fused=False"
 
 MAX_GRAPHS = 8
 """Graphs one ``LARS(fused=True)`` compiles at most (read at every step); later new keys run the eager step."""
@@ -108,48 +110,6 @@ def _lars_options(opt: LARS) -> dict[str, Any]:
         "telemetry": opt.telemetry is not None,
         "carry_weight_norms": bool(opt.carry_weight_norms),
     }
-
-
-def _param_name(group: dict[str, Any], group_index: int, index: int) -> str:
-    names = group.get("param_names")
-    where = f"param_groups[{group_index}]['params'][{index}]"
-    return f"{names[index]!r} ({where})" if names else where
-
-
-_NO_DATA_FIX = {
-    "meta": "Materialize the model first (e.g. model.to_empty(device=...) and initialize it) and build the "
-    "optimizer from those parameters, or use fused=False.",
-    "fake": "Step the optimizer outside FakeTensorMode, or use fused=False for a shape-only run.",
-}
-
-
-def _without_data(tensor: Tensor | None) -> str | None:
-    """Why no compiled kernel can read or write ``tensor``: "fake" or "meta" (no storage); None if it can."""
-    if tensor is None:
-        return None
-    if is_fake(tensor):
-        return "fake"
-    return "meta" if tensor.is_meta else None
-
-
-def _refuse_tensors_without_data(opt: LARS) -> None:
-    """Raise, naming the parameter, if a parameter with a gradient, the gradient or its momentum buffer
-    has no storage (meta device, fake tensor): Inductor would fail deep inside, or run on garbage."""
-    for group_index, group in enumerate(opt.param_groups):
-        for index, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            buffer = opt.state[p].get("momentum_buffer")
-            tensors = {"the parameter": p, "its gradient": p.grad, "its momentum buffer": buffer}
-            for what, tensor in tensors.items():
-                kind = _without_data(tensor)
-                if kind is not None:
-                    described = "a FakeTensor (made under FakeTensorMode)" if kind == "fake" else "on the meta device"
-                    raise ValueError(
-                        f"LARS(fused=True) cannot step parameter {_param_name(group, group_index, index)}: {what} "
-                        f"is {described} and holds no data for a compiled kernel to read or write. "
-                        + _NO_DATA_FIX[kind]
-                    )
 
 
 def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
@@ -310,7 +270,7 @@ class FusedStep:
         opt = self.opt
         plan = _plan(opt)
         if plan is None or plan.key not in self._cache:  # a cached key's tensors were checked when it was new
-            _refuse_tensors_without_data(opt)
+            refuse_parameters_without_data(opt.param_groups, opt.state, "LARS(fused=True)", _OR_EAGER)
         compiled = None
         if plan is not None and any(group.params for group in plan.groups):
             inputs = plan.inputs(self._hyper_tensors(plan))
@@ -352,7 +312,7 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     from torch._inductor import metrics
 
     plan = _plan(opt, zero_missing_buffers=True)
-    _refuse_tensors_without_data(opt)
+    refuse_parameters_without_data(opt.param_groups, opt.state, "LARS(fused=True)", _OR_EAGER)
     if not any(group.params for group in plan.groups):
         raise ValueError("inspect_step needs gradients: run a backward pass before inspecting the step")
     inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))

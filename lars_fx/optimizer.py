@@ -162,6 +162,44 @@ def unsupported_gradient_message(name: str, param: Tensor, grad: Tensor) -> str:
     )
 
 
+def parameter_name(group: dict[str, Any], group_index: int, index: int) -> str:
+    """How errors name a parameter: its name and place, or its place alone without ``param_names``."""
+    names = group.get("param_names")
+    where = f"param_groups[{group_index}]['params'][{index}]"
+    return f"{names[index]!r} ({where})" if names else where
+
+
+def refuse_parameters_without_data(
+    param_groups: list[dict[str, Any]], state: dict[Tensor, Any], who: str, fallback: str = ""
+) -> None:
+    """Raise, naming the parameter, if a parameter with a gradient, the gradient or its momentum buffer has
+    no storage (the meta device, a fake tensor): a compiled kernel would fail deep inside Inductor, or run on
+    garbage. ``who`` names the compiled mode; ``fallback`` is appended to the fix (e.g. an eager option)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    fixes = {
+        "meta": "Materialize the model first (e.g. model.to_empty(device=...) and initialize it) and build the "
+        "optimizer from those parameters",
+        "fake": "Step the optimizer outside FakeTensorMode",
+    }
+    for group_index, group in enumerate(param_groups):
+        for index, param in enumerate(group["params"]):
+            if param.grad is None:
+                continue
+            buffer = state.get(param, {}).get("momentum_buffer")
+            for what, tensor in (("the parameter", param), ("its gradient", param.grad), ("its momentum buffer", buffer)):
+                if tensor is None:
+                    continue
+                kind = "fake" if is_fake(tensor) else "meta" if tensor.is_meta else None
+                if kind is not None:
+                    described = "a FakeTensor (made under FakeTensorMode)" if kind == "fake" else "on the meta device"
+                    raise ValueError(
+                        f"{who} cannot step parameter {parameter_name(group, group_index, index)}: {what} is "
+                        f"{described} and holds no data for a compiled kernel to read or write. {fixes[kind]}"
+                        f"{fallback}."
+                    )
+
+
 def _step_without_global_hooks(inner: Optimizer) -> None:
     """The wrapped optimizer's step without torch's hook wrapper. ``LARS.step`` is the step that hooks
     see: global hooks and LARS's own fire once per step; hooks registered on the wrapped optimizer do
