@@ -340,6 +340,13 @@ def lars_fx_backend(
     sgd = _optimizer_being_compiled()
     lars = LARS(sgd, **resolved)  # validates the options and hyperparameters; gives the filter's decisions
     _refuse_eager_steps(sgd)
+    if lars._has_dtensors:
+        raise ValueError(
+            "backend 'lars_fx' does not compile steps of sharded (DTensor) parameters yet (FSDP2, tensor "
+            "parallelism): their norms need a reduction across ranks that it does not insert. Step them with "
+            "lars_fx.LARS(sgd, ...) instead (eager, fused=True, or under torch.compile(opt.step)), which reduces "
+            "all norms with one all-reduce per step"
+        )
     for group_index in range(len(sgd.param_groups)):
         lars._collect(group_index)  # sparse or complex gradients: refused as LARS refuses them
     refuse_parameters_without_data(sgd.param_groups, sgd.state, "backend 'lars_fx'")

@@ -26,7 +26,7 @@ fast path is tested against (it runs in float64 as well); ``lars_sgd_foreach`` (
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -127,13 +127,20 @@ def lars_gradient(
     lr: Number | None = None,
     unit_trust_on_zero_norm: bool = False,
     maximize: bool = False,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """The trust-ratio-scaled gradient ``coeff * (g + weight_decay * w)`` of one tensor (reference)."""
+    """The trust-ratio-scaled gradient ``coeff * (g + weight_decay * w)`` of one tensor (reference).
+
+    ``norms``: ``(||w||, ||g||)`` when they are not those of ``param`` and ``grad`` (a shard's, of the whole
+    tensor); by default computed here.
+    """
     dtype = compute_dtype(param.dtype)
     g = -grad if maximize else grad
+    if norms is None:
+        norms = (torch.linalg.vector_norm(param.detach(), dtype=dtype), torch.linalg.vector_norm(g, dtype=dtype))
     coeff = trust_ratio(
-        torch.linalg.vector_norm(param.detach(), dtype=dtype),
-        torch.linalg.vector_norm(g, dtype=dtype),
+        norms[0].to(dtype),
+        norms[1].to(dtype),
         weight_decay=weight_decay,
         coefficient=coefficient,
         epsilon=epsilon,
@@ -191,13 +198,17 @@ def lars_sgd_reference(
     use_clip: bool = False,
     unit_trust_on_zero_norm: bool = False,
     lr_inside_momentum: bool = False,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> list[Tensor | None]:
     """One LARS-over-SGD step of one param group, one tensor at a time: the oracle.
 
     Updates ``params`` in place and returns the new momentum buffers. Parameters whose
     ``lars_mask`` entry is False get their plain gradient: no trust ratio, no weight decay.
+    ``norms``: the ``||w||`` and ``||g||`` vectors of the LARS tensors in order, when the tensors are
+    shards of the tensors whose norms count (see ``lars_fx.sharding``); by default each tensor's own.
     """
     new_buffers: list[Tensor | None] = []
+    given = _given_norms(norms)
     for param, grad, buf, use_lars in zip(params, grads, momentum_buffers, lars_mask, strict=True):
         if use_lars:
             update = lars_gradient(
@@ -210,6 +221,7 @@ def lars_sgd_reference(
                 lr=lr,
                 unit_trust_on_zero_norm=unit_trust_on_zero_norm,
                 maximize=maximize,
+                norms=next(given) if given is not None else None,
             )
         else:
             update = -grad if maximize else grad
@@ -276,13 +288,31 @@ class NormCollector:
         return LarsNorms(*columns)
 
 
-def _trust_ratios(ws: list[Tensor], gs: list[Tensor], **options: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """Norms and trust ratios of tensors of one device and dtype: two ``_foreach_norm`` calls and
-    one vector computation."""
+def _given_norms(norms: tuple[Tensor, Tensor] | None) -> Iterator[tuple[Tensor, Tensor]] | None:
+    return None if norms is None else zip(norms[0].unbind(0), norms[1].unbind(0), strict=True)
+
+
+def _trust_ratios(
+    ws: list[Tensor], gs: list[Tensor], given: tuple[list[Tensor], list[Tensor]] | None = None, **options: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Norms and trust ratios of tensors of one device and dtype: two ``_foreach_norm`` calls (or the
+    ``given`` 0-d norms, stacked) and one vector computation."""
     cdtype = compute_dtype(ws[0].dtype)
-    w_norm = torch.stack(torch._foreach_norm(ws, 2, dtype=cdtype))
-    g_norm = torch.stack(torch._foreach_norm(gs, 2, dtype=cdtype))
+    if given is None:
+        w_norm = torch.stack(torch._foreach_norm(ws, 2, dtype=cdtype))
+        g_norm = torch.stack(torch._foreach_norm(gs, 2, dtype=cdtype))
+    else:
+        w_norm = torch.stack(given[0]).to(device=ws[0].device, dtype=cdtype)
+        g_norm = torch.stack(given[1]).to(device=ws[0].device, dtype=cdtype)
     return w_norm, g_norm, trust_ratio(w_norm, g_norm, **options)
+
+
+def _pick(norms: tuple[Tensor, Tensor] | None, ranks: Sequence[int]) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The given norms of the LARS tensors of rank ``ranks`` (positions among the LARS tensors)."""
+    if norms is None:
+        return None
+    w, g = norms[0].unbind(0), norms[1].unbind(0)
+    return [w[r] for r in ranks], [g[r] for r in ranks]
 
 
 def _scaled_gradients(
@@ -313,11 +343,12 @@ def lars_gradients_foreach(
     lr: Number | None = None,
     unit_trust_on_zero_norm: bool = False,
     maximize: bool = False,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> LarsGradients:
     """The LARS-scaled gradients of a param group with multi-tensor (``torch._foreach_*``) kernels.
 
     Same math as ``lars_gradient``; for optimizers other than SGD, which need the gradients
-    themselves. Tensors are grouped by device and dtype.
+    themselves. Tensors are grouped by device and dtype. ``norms`` as in ``lars_sgd_reference``.
     """
     sign = -1.0 if maximize else 1.0
     decays = weight_decay != 0  # decided on the number (a guard under compile); the math may get a tensor
@@ -326,16 +357,16 @@ def lars_gradients_foreach(
                    unit_trust_on_zero_norm=unit_trust_on_zero_norm)
     updates = [(-g if maximize else g) if not use_lars else g for g, use_lars in zip(grads, lars_mask, strict=True)]
     lars_index = [i for i, use_lars in enumerate(lars_mask) if use_lars]
-    norms = NormCollector()
+    collector = NormCollector()
     if lars_index:
         lars_tensors = [[params[i] for i in lars_index], [grads[i] for i in lars_index]]
         grouped = _group_tensors_by_device_and_dtype(lars_tensors, with_indices=True)
         for (ws, gs), indices in grouped.values():
-            w_norm, g_norm, coeff = _trust_ratios(ws, gs, **options)
+            w_norm, g_norm, coeff = _trust_ratios(ws, gs, _pick(norms, indices), **options)
             for position, u in zip(indices, _scaled_gradients(ws, gs, coeff, weight_decay, decays, sign)):
                 updates[lars_index[position]] = u
-            norms.add(indices, w_norm, g_norm, coeff)
-    return LarsGradients(updates, norms.result())
+            collector.add(indices, w_norm, g_norm, coeff)
+    return LarsGradients(updates, collector.result())
 
 
 def lars_sgd_foreach(
@@ -355,6 +386,7 @@ def lars_sgd_foreach(
     use_clip: bool = False,
     unit_trust_on_zero_norm: bool = False,
     lr_inside_momentum: bool = False,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> LarsNorms:
     """``lars_sgd_reference`` with multi-tensor kernels, in place: the fast eager path.
 
@@ -362,14 +394,15 @@ def lars_sgd_foreach(
     scaled gradient ``u = a*g + b*w`` is never materialised: per tensor, ``a = ±coeff`` and
     ``b = coeff*weight_decay`` for LARS tensors, ``a = ±1`` and ``b = 0`` for the others, and the
     momentum and weight updates take ``a`` and ``b`` as per-tensor scalars. Half-precision LARS
-    tensors materialise ``u`` in float32 and cast it, as ``lars_gradient`` does.
+    tensors materialise ``u`` in float32 and cast it, as ``lars_gradient`` does. ``norms`` as in
+    ``lars_sgd_reference``.
     """
     sign = -1.0 if maximize else 1.0
     decays, has_momentum = weight_decay != 0, momentum != 0  # decided on the numbers, before _graph_inputs
     lr, weight_decay, momentum, dampening = _graph_inputs(lr, weight_decay, momentum, dampening)
     options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
                    unit_trust_on_zero_norm=unit_trust_on_zero_norm)
-    norms = NormCollector()
+    collector = NormCollector()
     lars_rank = {i: rank for rank, i in enumerate(i for i, use_lars in enumerate(lars_mask) if use_lars)}
     grouped = _group_tensors_by_device_and_dtype([list(params), list(grads)], with_indices=True)
     for (device, dtype), ((ws, gs), indices) in grouped.items():
@@ -383,7 +416,8 @@ def lars_sgd_foreach(
         has_weight_term = False
         if lars_positions:
             lars_ws, lars_gs = [ws[k] for k in lars_positions], [gs[k] for k in lars_positions]
-            w_norm, g_norm, coeff = _trust_ratios(lars_ws, lars_gs, **options)
+            given = _pick(norms, [lars_rank[indices[k]] for k in lars_positions])
+            w_norm, g_norm, coeff = _trust_ratios(lars_ws, lars_gs, given, **options)
             if cdtype != dtype:
                 one = torch.ones((), dtype=cdtype, device=device)  # u already carries the sign
                 for k, u in zip(lars_positions, _scaled_gradients(lars_ws, lars_gs, coeff, weight_decay, decays, sign)):
@@ -392,7 +426,7 @@ def lars_sgd_foreach(
                 for k, a_k, b_k in zip(lars_positions, (sign * coeff).unbind(0), (coeff * weight_decay).unbind(0)):
                     a_entries[k], b_entries[k] = a_k, b_k
                 has_weight_term = decays
-            norms.add([lars_rank[indices[k]] for k in lars_positions], w_norm, g_norm, coeff)
+            collector.add([lars_rank[indices[k]] for k in lars_positions], w_norm, g_norm, coeff)
         a, b = torch.stack(a_entries), torch.stack(b_entries)
         buffers = [momentum_buffers[i] for i in indices]
         _momentum_step(
@@ -405,7 +439,7 @@ def lars_sgd_foreach(
         )
         for i, buf in zip(indices, buffers):
             momentum_buffers[i] = buf
-    return norms.result()
+    return collector.result()
 
 
 def _per_tensor(scalars: Tensor, like: Sequence[Tensor], positions: Sequence[int] | None = None) -> list[Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from torch import Tensor
 from torch.optim import SGD, Optimizer
 
 from . import functional as F
+from . import sharding
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -256,7 +258,9 @@ class LARS(Optimizer):
             weights once more (24 instead of 28 bytes per fp32 parameter). Weights written between
             steps are noticed through their version counter (in-place ops, ``load_state_dict``,
             ``copy_``) and the norms recomputed; writes that bypass it (through ``.data``, or from
-            outside PyTorch) are not: set this to False when the weights are written that way.
+            outside PyTorch) are not: set this to False when the weights are written that way. Graphs over
+            sharded (DTensor) parameters never carry: writes through ``torch._foreach_*_`` on DTensors or
+            through ``p.to_local()`` bump no version counter the carry could watch.
         telemetry: record each LARS parameter's ||w||, ||g|| and trust ratio every step, kept on
             the device (no host sync) and read on demand through ``telemetry``.
 
@@ -265,6 +269,11 @@ class LARS(Optimizer):
     every mode (a fused step compiles once for the new value). The param groups' ``lr``,
     ``weight_decay``, ``momentum`` and ``dampening`` are checked at every step (a tensor lr on a GPU
     only for its shape: reading its value would sync).
+
+    Sharded parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism, both, HSDP) step in every mode
+    but the ``lars_fx`` backend: each rank computes its pieces' sums of squares, one all-reduce per sharding
+    mesh dimension sums those of the whole step, and the update runs on the local shards (see
+    docs/distributed.md). FSDP1's flat-parameter slices are refused (use FSDP2).
 
     Norms are computed in float32 for float32 and half-precision tensors (float64 for float64), as
     MindSpore's kernel does: a ``||w||`` or ``||g||`` above about 1.8e19 overflows to inf and the
@@ -307,6 +316,9 @@ class LARS(Optimizer):
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
         self._lars_masks: list[list[bool]] = []
+        self._has_dtensors = False
+        self._norm_reduction: sharding.NormReduction | None = None
+        self._norm_weights: list[list[float]] = []
 
         self.epsilon = epsilon
         self.coefficient = coefficient
@@ -362,7 +374,7 @@ class LARS(Optimizer):
         self._refresh_lars_masks()
 
     def _refresh_lars_masks(self) -> None:
-        masks = []
+        masks, lars_params, lars_names, places = [], [], [], []
         for group_index, group in enumerate(self.param_groups):
             _check_group(group_index, group)
             names = group.get("param_names")
@@ -376,8 +388,24 @@ class LARS(Optimizer):
             for index, param in enumerate(group["params"]):
                 info = ParamInfo(names[index] if names else None, param, group_index, index)
                 mask.append(bool(self.lars_filter(info)))
+                sharding.refuse_flat_parameters([param], [parameter_name(group, group_index, index)])
+                if mask[-1]:
+                    lars_params.append(param)
+                    lars_names.append(parameter_name(group, group_index, index))
+                    places.append((group_index, index))
             masks.append(mask)
         self._lars_masks = masks
+        self._refresh_norm_reduction(lars_params, lars_names, places)
+
+    def _refresh_norm_reduction(self, lars_params: list[Tensor], names: list[str], places: list[tuple[int, int]]) -> None:
+        """Sharded (DTensor) parameters: how the step reduces their norms (``lars_fx.sharding``), decided here
+        once, with each LARS parameter's weight by group and index (read by the step, compiled or not)."""
+        self._has_dtensors = any(sharding.is_dtensor(p) for group in self.param_groups for p in group["params"])
+        self._norm_reduction = sharding.NormReduction.of(lars_params, names) if self._has_dtensors else None
+        self._norm_weights = [[1.0] * len(group["params"]) for group in self.param_groups]
+        if self._norm_reduction is not None:
+            for (group_index, index), weight in zip(places, self._norm_reduction.weights):
+                self._norm_weights[group_index][index] = weight
 
     def _masks_match_groups(self) -> bool:
         """False when groups or parameters were added to the shared groups behind the wrapper's back."""
@@ -395,15 +423,17 @@ class LARS(Optimizer):
         # Optimizer.__getstate__ keeps only defaults, state and groups; LARS needs its options and the
         # wrapped optimizer too. Hooks are dropped as torch.optim drops them; the fused step's compiled
         # graphs are not copied but made again on the first step of the copy.
+        # The sharded norm reduction holds process groups, which do not copy: it is made again too.
         return {
             key: value
             for key, value in self.__dict__.items()
-            if key != "_fused_step" and not key.startswith("_optimizer_")
+            if key not in ("_fused_step", "_norm_reduction") and not key.startswith("_optimizer_")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._fused_step = None
+        self._refresh_lars_masks()
         self._fused_changed()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -452,13 +482,81 @@ class LARS(Optimizer):
             mask.append(use_lars)
         return params, grads, mask
 
+    def _local_group(
+        self, group_index: int, params: list[Tensor], grads: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """This rank's pieces of ``params`` and of their gradients laid out as them (themselves without DTensors)."""
+        if not self._has_dtensors:
+            return params, grads
+        group = self.param_groups[group_index]
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        return [sharding.local(p) for p in params], [
+            sharding.local_gradient(p, g, parameter_name(group, group_index, position[id(p)]))
+            for p, g in zip(params, grads)
+        ]
+
+    def _step_norms(
+        self, collected: list[tuple[list[Tensor], list[Tensor], list[bool]]], locals_: list[tuple[list[Tensor], list[Tensor]]]
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """``(||w||, ||g||)`` of every group's LARS tensors when they are sharded: local sums of squares of the whole
+        step in one vector, one all-reduce per sharding process group (``lars_fx.sharding``). None per group without."""
+        reduction = self._norm_reduction
+        if reduction is None:
+            return [None] * len(collected)
+        ws, gs, weights, counts = [], [], [], []
+        for group_index, ((params, _, mask), (local_params, local_grads)) in enumerate(zip(collected, locals_)):
+            group_weights = self._norm_weights[group_index]
+            position = {id(p): i for i, p in enumerate(self.param_groups[group_index]["params"])}
+            count = 0
+            for p, w, g, use_lars in zip(params, local_params, local_grads, mask):
+                if use_lars:
+                    ws.append(w)
+                    gs.append(g)
+                    weights.append(group_weights[position[id(p)]])
+                    count += 1
+            counts.append(count)
+        if not ws:
+            return [None] * len(collected)
+        n = len(ws)
+        dtype = functools.reduce(torch.promote_types, [F.compute_dtype(w.dtype) for w in ws])
+        device = ws[0].device
+        batches: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, w in enumerate(ws):
+            batches.setdefault((w.device, F.compute_dtype(w.dtype)), []).append(i)
+        squares: list[Tensor] = [ws[0]] * (2 * n)
+        for (_, cdtype), positions in batches.items():
+            for i, square in zip(positions, sharding.squared_norms([ws[i] for i in positions], cdtype)):
+                squares[i] = square
+            for i, square in zip(positions, sharding.squared_norms([gs[i] for i in positions], cdtype)):
+                squares[n + i] = square
+        vector = torch.stack([s.to(device=device, dtype=dtype) for s in squares])
+        squared = reduction.reduce(vector, weights + weights)
+        norms = squared.sqrt()
+        if len(batches) > 1:  # mixed compute dtypes: each norm's sqrt in its own dtype, as the fused graph takes it
+            narrow = [F.compute_dtype(w.dtype) != dtype for w in ws] * 2  # float32 beside float64
+            if any(narrow):
+                mask = torch.tensor(narrow, device=device)
+                norms = torch.where(mask, squared.to(torch.float32).sqrt().to(dtype), norms)
+        result: list[tuple[Tensor, Tensor] | None] = []
+        start = 0
+        for count in counts:
+            result.append((norms[start : start + count], norms[n + start : n + start + count]) if count else None)
+            start += count
+        return result
+
     def _all_finite(self) -> bool:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self._has_dtensors:
+            grads = [sharding.local(g) for g in grads]
         if not grads:
-            return True
-        # The largest magnitude: finite exactly when every element is (a sum could overflow, e.g. in fp16).
-        largest = torch._foreach_norm(grads, math.inf)
-        return bool(torch.stack([s.float().to(largest[0].device) for s in largest]).isfinite().all())
+            finite = torch.ones(())
+        else:
+            # The largest magnitude: finite exactly when every element is (a sum could overflow, e.g. in fp16).
+            largest = torch._foreach_norm(grads, math.inf)
+            finite = torch.stack([s.float().to(largest[0].device) for s in largest]).isfinite().all().float()
+        if self._norm_reduction is not None:  # every rank skips, or none: one more (tiny) all-reduce
+            finite = self._norm_reduction.all_agree(finite)
+        return bool(finite)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -477,11 +575,18 @@ class LARS(Optimizer):
         if self._fused_step is not None:
             self._fused_step()
         elif self._wraps_sgd:
-            for group_index in range(len(self.param_groups)):
-                self._sgd_group_step(group_index)
+            self._eager_sgd_step()
         else:
             self._inner_step()
         return loss
+
+    def _eager_sgd_step(self) -> None:
+        """The eager LARS-over-SGD step of every group (sharded norms reduced once for all of them)."""
+        collected = [self._collect(group_index) for group_index in range(len(self.param_groups))]
+        locals_ = [self._local_group(i, params, grads) for i, (params, grads, _) in enumerate(collected)]
+        norms = self._step_norms(collected, locals_)
+        for group_index in range(len(self.param_groups)):
+            self._sgd_group_step(group_index, collected[group_index], locals_[group_index], norms[group_index])
 
     def _record_telemetry(self, group_index: int, params: list[Tensor], mask: list[bool], norms: F.LarsNorms) -> None:
         if self.telemetry is not None:
@@ -489,26 +594,47 @@ class LARS(Optimizer):
             self.telemetry.record(self, group_index, lars_params, *norms)
 
     def _lars_updates(
-        self, group_index: int, params: list[Tensor], grads: list[Tensor], mask: list[bool], maximize: bool
+        self,
+        group_index: int,
+        params: list[Tensor],
+        local: tuple[list[Tensor], list[Tensor]],
+        mask: list[bool],
+        maximize: bool,
+        norms: tuple[Tensor, Tensor] | None,
     ) -> list[Tensor]:
+        """The LARS-scaled gradients of ``params`` (of their ``local`` pieces, and gradients, with sharded ``norms``)."""
         options = self._lars_options(self.param_groups[group_index])
+        local_params, local_grads = local
         if self.foreach or self.telemetry is not None:
-            result = F.lars_gradients_foreach(params, grads, mask, maximize=maximize, **options)
+            result = F.lars_gradients_foreach(local_params, local_grads, mask, maximize=maximize, norms=norms, **options)
             self._record_telemetry(group_index, params, mask, result.norms)
             if self.foreach:
                 return result.updates
+        given = iter(zip(*norms)) if norms is not None else None
         return [
-            F.lars_gradient(p, g, maximize=maximize, **options) if use_lars else (-g if maximize else g)
-            for p, g, use_lars in zip(params, grads, mask)
+            F.lars_gradient(p, g, maximize=maximize, norms=next(given) if given is not None else None, **options)
+            if use_lars
+            else (-g if maximize else g)
+            for p, g, use_lars in zip(local_params, local_grads, mask)
         ]
 
-    def _sgd_group_step(self, group_index: int) -> None:
+    def _sgd_group_step(
+        self,
+        group_index: int,
+        collected: tuple[list[Tensor], list[Tensor], list[bool]],
+        local: tuple[list[Tensor], list[Tensor]],
+        norms: tuple[Tensor, Tensor] | None,
+    ) -> None:
+        """One group's step from ``_collect``, ``_local_group`` and ``_step_norms`` (sharded norms are reduced once
+        for all groups)."""
         group = self.param_groups[group_index]
-        params, grads, mask = self._collect(group_index)
+        params, grads, mask = collected
         if not params:
             return
+        local_params, local_grads = local
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else [None] * len(params)
+        local_buffers = [None if b is None else sharding.local(b) for b in buffers] if self._has_dtensors else buffers
         options = {
             **self._lars_options(group),
             "momentum": momentum,
@@ -518,17 +644,24 @@ class LARS(Optimizer):
             "lr_inside_momentum": self.lr_inside_momentum,
         }
         if self.foreach:
-            self._record_telemetry(group_index, params, mask, F.lars_sgd_foreach(params, grads, buffers, mask, **options))
+            new_buffers = list(local_buffers)
+            result = F.lars_sgd_foreach(local_params, local_grads, new_buffers, mask, norms=norms, **options)
+            self._record_telemetry(group_index, params, mask, result)
         else:
             if self.telemetry is not None:
                 lars_options = self._lars_options(group)
-                self._record_telemetry(
-                    group_index, params, mask, F.lars_gradients_foreach(params, grads, mask, **lars_options).norms
-                )
-            buffers = F.lars_sgd_reference(params, grads, buffers, mask, **options)
-        if momentum != 0:
-            for p, buf in zip(params, buffers):
+                result = F.lars_gradients_foreach(local_params, local_grads, mask, norms=norms, **lars_options)
+                self._record_telemetry(group_index, params, mask, result.norms)
+            new_buffers = F.lars_sgd_reference(local_params, local_grads, local_buffers, mask, norms=norms, **options)
+        if momentum != 0 and not self._has_dtensors:
+            for p, buf in zip(params, new_buffers):
                 self.state[p]["momentum_buffer"] = buf
+        elif momentum != 0:  # DTensor buffers keep their identity (checkpoints hold them): write their pieces
+            for p, previous, local_previous, buf in zip(params, buffers, local_buffers, new_buffers):
+                if previous is None:
+                    self.state[p]["momentum_buffer"] = sharding.wrap_like(p, buf)
+                elif buf is not local_previous:
+                    local_previous.copy_(buf)
 
     def _inner_step(self) -> None:
         """Any other optimizer: feed it the scaled gradients with its weight decay switched off."""
@@ -536,14 +669,19 @@ class LARS(Optimizer):
             _warn_float_lr_under_compile(type(self.optimizer).__name__)
         saved_grads: list[tuple[Tensor, Tensor]] = []
         saved_decay: list[tuple[dict, Any]] = []
+        collected = [self._collect(group_index) for group_index in range(len(self.param_groups))]
+        locals_ = [self._local_group(i, params, grads) for i, (params, grads, _) in enumerate(collected)]
+        norms = self._step_norms(collected, locals_)
         try:
             for group_index, group in enumerate(self.param_groups):
-                params, grads, mask = self._collect(group_index)
+                params, grads, mask = collected[group_index]
                 if params:
-                    updates = self._lars_updates(group_index, params, grads, mask, group.get("maximize", False))
+                    maximize = group.get("maximize", False)
+                    updates = self._lars_updates(group_index, params, locals_[group_index], mask, maximize, norms[group_index])
                     for p, g, u in zip(params, grads, updates):
                         saved_grads.append((p, g))
-                        p.grad = -u if group.get("maximize", False) else u
+                        u = -u if maximize else u
+                        p.grad = sharding.wrap_like(p, u) if self._has_dtensors else u
                 if "weight_decay" in group:
                     saved_decay.append((group, group["weight_decay"]))
                     group["weight_decay"] = 0.0
