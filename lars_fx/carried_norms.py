@@ -19,7 +19,8 @@ class CarriedNorms:
     the compute dtype. A run's outputs are reused by the next run only while every weight still has
     the version counter and data pointer that run left it with: a write by anything else (another
     graph, the eager step, ``load_state_dict``, an in-place edit) bumps the version and the norms are
-    recomputed. Writes that bypass the version counter (``p.data``) are not seen.
+    recomputed. Writes that bypass the version counter (``p.data``) are not seen, nor writes into DTensor
+    parameters through ``torch._foreach_*_`` or ``to_local()``: ``lars_fx.fused`` carries no norms over them.
     """
 
     def __init__(self, batches: list[tuple[list[int], torch.dtype]]) -> None:

@@ -24,6 +24,16 @@ Parameters without data (the meta device, fake tensors) are refused before anyth
 With ``carry_weight_norms`` (the default) the graph takes each batch's ``||w||^2`` as inputs and returns
 those of the weights it wrote (``fx_carry_weight_norms``); ``CarriedNorms`` feeds them to the next run
 of the same graph while nothing else has written the weights, and recomputes them otherwise.
+
+Sharded parameters (DTensors: FSDP2, tensor parallelism, also mixed with plain tensors): the graph is traced
+over this rank's pieces (``to_local()`` of the parameters, of their gradients laid out as them, and of the
+momentum buffers, which stay DTensors in ``opt.state`` and are written in place through their pieces), keyed
+by the pieces' shapes, strides and dtypes and the parameters' identities. ``fx_reduce_sharded_norms`` sums
+the local squared norms of the whole step in one vector with one all-reduce per sharding process group,
+inside the compiled graph (see ``lars_fx.sharding``). Weight norms are not carried over such parameters
+(``carry_weight_norms`` is ignored): a shard's carried ``||w'||^2`` would need the reduction too, and writes
+through ``torch._foreach_*_`` on DTensors or through ``p.to_local()`` bump no version counter the carry could
+watch (and ``DTensor.data_ptr()`` is 0), so a carried norm could go stale unseen.
 """
 
 from __future__ import annotations
@@ -42,8 +52,9 @@ from .carried_norms import CarriedNorms
 from .functional import NormCollector
 from .optimizer import refuse_parameters_without_data
 from .passes.fx_canonicalize import canonicalize
-from .passes.fx_pipeline import compile_with_inductor, run_pipeline
+from .passes.fx_pipeline import Stage, compile_with_inductor, run_pipeline
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
+from .sharding import local
 
 if TYPE_CHECKING:
     from .optimizer import LARS
@@ -61,12 +72,14 @@ MAX_GRAPHS = 8
 @dataclass
 class _GroupPlan:
     group_index: int
-    params: list[Tensor]
+    params: list[Tensor]  # what the graph reads and writes: the optimizer's parameters, or their local pieces
     grads: list[Tensor]
     buffers: list[Tensor]  # empty without momentum
     mask: list[bool]
     indices: list[int]
     options: dict[str, Any]
+    owners: list[Tensor]  # the optimizer's parameters (DTensors where sharded)
+    norm_weights: list[float]  # per parameter: 0.0 where another rank's copy of its piece counts
 
 
 @dataclass
@@ -108,8 +121,14 @@ def _lars_options(opt: LARS) -> dict[str, Any]:
         "unit_trust_on_zero_norm": bool(opt.unit_trust_on_zero_norm),
         "lr_inside_momentum": bool(opt.lr_inside_momentum),
         "telemetry": opt.telemetry is not None,
-        "carry_weight_norms": bool(opt.carry_weight_norms),
+        "carry_weight_norms": bool(opt.carry_weight_norms) and not opt._has_dtensors,
+        "norm_process_groups": _norm_process_groups(opt),
     }
+
+
+def _norm_process_groups(opt: LARS) -> tuple[str, ...]:
+    reduction = opt._norm_reduction
+    return () if reduction is None else tuple(group.group_name for group in reduction.groups)
 
 
 def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
@@ -117,16 +136,20 @@ def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
     (unless ``zero_missing_buffers``: stand-ins of the right shape, for inspection)."""
     groups, key = [], []
     for group_index, group in enumerate(opt.param_groups):
-        params, grads, mask = opt._collect(group_index)
+        owners, owner_grads, mask = opt._collect(group_index)
+        params, grads = opt._local_group(group_index, owners, owner_grads)  # themselves without DTensors
         all_params = group["params"]
         position = {id(p): i for i, p in enumerate(all_params)}
-        indices = [position[id(p)] for p in params]
+        indices = [position[id(p)] for p in owners]
+        norm_weights = [opt._norm_weights[group_index][i] for i in indices]
         momentum = group["momentum"]
-        buffers = [opt.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        buffers = [opt.state[p].get("momentum_buffer") for p in owners] if momentum != 0 else []
         if any(b is None for b in buffers):
             if not zero_missing_buffers:
                 return None
             buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers)]
+        if opt._has_dtensors:
+            buffers = [local(b) for b in buffers]
         options = {
             "weight_decay": float(group["weight_decay"]),
             "momentum": float(momentum),
@@ -134,12 +157,16 @@ def _plan(opt: LARS, *, zero_missing_buffers: bool = False) -> _StepPlan | None:
             "nesterov": bool(group["nesterov"]),
             "maximize": bool(group["maximize"]),
         }
-        groups.append(_GroupPlan(group_index, params, grads, buffers, mask, indices, options))
+        groups.append(_GroupPlan(group_index, params, grads, buffers, mask, indices, options, owners, norm_weights))
         key.append(
             (
-                tuple((id(p), p.shape, p.stride(), p.dtype, p.device, g.stride(), g.dtype) for p, g in zip(params, grads)),
+                tuple(
+                    (id(owner), p.shape, p.stride(), p.dtype, p.device, g.stride(), g.dtype)
+                    for owner, p, g in zip(owners, params, grads)
+                ),
                 tuple((b.shape, b.stride(), b.dtype, b.device) for b in buffers),  # a loaded state may differ
                 tuple(mask),
+                tuple(norm_weights),
                 options["weight_decay"],
                 options["momentum"] != 0,
                 options["dampening"],
@@ -171,6 +198,7 @@ def _step_function(plan: _StepPlan) -> Callable[..., None]:
 def _request(plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsRequest:
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     params: dict[str, ParamRole] = {}
+    norm_weights: dict[str, float] = {}
     momentum_inputs: dict[int, str] = {}
     offset = 0
     for group in plan.groups:
@@ -178,8 +206,21 @@ def _request(plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsRequest:
         momentum_inputs[group.group_index] = names[offset + 1]
         for k, (index, use_lars) in enumerate(zip(group.indices, group.mask)):
             params[names[offset + 2 + k]] = ParamRole(group.group_index, index, use_lars)
+            if use_lars and plan.lars_options["norm_process_groups"]:
+                norm_weights[names[offset + 2 + k]] = group.norm_weights[k]
         offset += 2 + 2 * n + len(group.buffers)
-    return LarsRequest(params=params, momentum_inputs=momentum_inputs, **plan.lars_options)
+    return LarsRequest(params=params, momentum_inputs=momentum_inputs, norm_weights=norm_weights, **plan.lars_options)
+
+
+def _rewrite(gm: torch.fx.GraphModule, request: LarsRequest, tag: str) -> tuple[torch.fx.GraphModule, list[Stage]]:
+    """``run_pipeline``; a graph over shards whose norms were left unreduced (the pass switched off) is refused."""
+    gm, stages = run_pipeline(gm, request, tag=tag)
+    if request.norm_process_groups and not request.sharded_norms_reduced:
+        raise PatternMismatch(
+            None, "sharded norms", "the graph reads sharded parameters but reduce_sharded_norms did not run "
+            "(LARS_FX_DISABLE?): their norms would be this rank's shard's"
+        )
+    return gm, stages
 
 
 def _lower(gm: torch.fx.GraphModule, request: LarsRequest, inputs: list[Tensor]) -> tuple[Callable[..., Any], CarriedNorms | None]:
@@ -230,7 +271,7 @@ class FusedStep:
         try:
             gm = canonicalize(_step_function(plan), inputs)
             request = _request(plan, gm)
-            gm, _ = run_pipeline(gm, request, tag=tag)
+            gm, _ = _rewrite(gm, request, tag)
         except PatternMismatch as error:
             self.fallback = str(error)
             log.warning("lars-fx: fused step falls back to the eager LARS step for this configuration: %s", error)
@@ -276,8 +317,7 @@ class FusedStep:
             inputs = plan.inputs(self._hyper_tensors(plan))
             compiled = self._compiled(plan, inputs)
         if compiled is None or compiled.run is None:
-            for group_index in range(len(opt.param_groups)):
-                opt._sgd_group_step(group_index)
+            opt._eager_sgd_step()
             return
         carry = compiled.carry
         if carry is None:
@@ -293,7 +333,7 @@ class FusedStep:
             per_group.setdefault(group_index, []).append((indices, *outputs[3 * b : 3 * b + 3]))
         for group_index, batches in per_group.items():
             group = plan.groups[group_index]
-            by_index = dict(zip(group.indices, group.params))
+            by_index = dict(zip(group.indices, group.owners))
             norms = NormCollector()  # several batches in one group (per tensor on CPU, or several dtypes)
             for batch in batches:
                 norms.add(*batch)
@@ -320,7 +360,7 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     gm = canonicalize(_step_function(plan), inputs)
     request = _request(plan, gm)
     try:
-        gm, stages = run_pipeline(gm, request, tag="inspect")
+        gm, stages = _rewrite(gm, request, "inspect")
     except PatternMismatch as error:
         report.fallback = str(error)
         return report

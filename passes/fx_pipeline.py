@@ -37,6 +37,7 @@ from .fx_match_sgd import MatchSgdUpdate
 from .fx_momentum import RewriteMomentum
 from .fx_norm_after_write_back import NormAfterWriteBack
 from .fx_norms import InsertLarsNorms
+from .fx_reduce_sharded_norms import ReduceShardedNorms
 from .fx_spec import LarsRequest
 from .fx_trust_ratio import InsertTrustRatio
 
@@ -50,6 +51,7 @@ log = logging.getLogger("lars_fx.passes")
 FX_PIPELINE: list[tuple[str, PassBase]] = [
     ("match_sgd_update", MatchSgdUpdate()),
     ("insert_lars_norms", InsertLarsNorms()),
+    ("reduce_sharded_norms", ReduceShardedNorms()),
     ("insert_trust_ratio", InsertTrustRatio()),
     ("rewrite_momentum", RewriteMomentum()),
     ("carry_weight_norms", CarryWeightNorms()),

@@ -48,12 +48,19 @@ class LarsRequest:
     momentum_inputs: dict[int, str] = field(default_factory=dict)
     telemetry: bool = False
     carry_weight_norms: bool = False
+    # Sharded (DTensor) parameters: the graph reads this rank's pieces, and the squared norms of the LARS tensors
+    # are summed over these process groups (their names, as torch.ops._c10d_functional takes them), each LARS
+    # placeholder's counted with its weight (0.0 where another rank holds the copy that counts; see
+    # lars_fx.sharding and fx_reduce_sharded_norms). Empty: the norms are the graph's own.
+    norm_process_groups: tuple[str, ...] = ()
+    norm_weights: dict[str, float] = field(default_factory=dict)
     # Filled in by the passes.
     updates: list[SgdUpdate] = field(default_factory=list)
     batches: list[LarsBatch] = field(default_factory=list)
     telemetry_outputs: list[tuple[int, list[int]]] = field(default_factory=list)
     grad_writes: list[torch.fx.Node] = field(default_factory=list)
     carried_batches: list[LarsBatch] = field(default_factory=list)
+    sharded_norms_reduced: bool = False
 
 
 @dataclass
