@@ -56,6 +56,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .carried_norms import CarriedNorms
 from .optimizer import LARS, _check_group, parameter_name, refuse_parameters_without_data, unsupported_gradient_message
+from .sharding import is_dtensor
 from .passes.fx_canonicalize import canonicalize
 from .passes.fx_pipeline import compile_with_inductor, run_pipeline, standalone
 from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
@@ -340,13 +341,6 @@ def lars_fx_backend(
     sgd = _optimizer_being_compiled()
     lars = LARS(sgd, **resolved)  # validates the options and hyperparameters; gives the filter's decisions
     _refuse_eager_steps(sgd)
-    if lars._has_dtensors:
-        raise ValueError(
-            "backend 'lars_fx' does not compile steps of sharded (DTensor) parameters yet (FSDP2, tensor "
-            "parallelism): their norms need a reduction across ranks that it does not insert. Step them with "
-            "lars_fx.LARS(sgd, ...) instead (eager, fused=True, or under torch.compile(opt.step)), which reduces "
-            "all norms with one all-reduce per step"
-        )
     for group_index in range(len(sgd.param_groups)):
         lars._collect(group_index)  # sparse or complex gradients: refused as LARS refuses them
     refuse_parameters_without_data(sgd.param_groups, sgd.state, "backend 'lars_fx'")
@@ -356,9 +350,10 @@ def lars_fx_backend(
         for index, param in enumerate(group["params"])
     }
 
+    sharded = _ShardedIO.of(gm, sgd) if lars._has_dtensors else None
     gm, lifted = _lift_attributes(gm)
     inputs = [*example_inputs, *lifted]
-    canonical = canonicalize(gm, inputs)
+    canonical = canonicalize(gm, inputs if sharded is None else sharded.examples(inputs))
     placeholders = [n.name for n in canonical.graph.nodes if n.op == "placeholder"]
     params = {name: roles[id(t)] for name, t in zip(placeholders, inputs) if id(t) in roles}
     writes_params = any(
@@ -384,10 +379,14 @@ def lars_fx_backend(
             use_clip=lars.use_clip,
             unit_trust_on_zero_norm=lars.unit_trust_on_zero_norm,
             lr_inside_momentum=lars.lr_inside_momentum,
-            carry_weight_norms=lars.carry_weight_norms,
+            carry_weight_norms=lars.carry_weight_norms and sharded is None,
+            **(_sharded_norms(lars, params) if sharded is not None else {}),
         )
         try:
             canonical, _ = run_pipeline(canonical, request, tag=f"backend{_compile_count}")
+            if request.norm_process_groups and not request.sharded_norms_reduced:
+                raise PatternMismatch(None, "sharded norms", "reduce_sharded_norms is switched off: the norms of "
+                                      "sharded parameters would be this rank's pieces'")
         except PatternMismatch as error:
             raise PatternMismatch(error.node, error.pattern, f"{error.why}. {_HOW_TO_PROCEED}") from None
         finally:
@@ -403,13 +402,92 @@ def lars_fx_backend(
                 return carry.keep(flat, carried(*flat, *carry.inputs(flat)))
 
             return run_carrying
-        compiled = compile_with_inductor(canonical, inputs)
+        compiled = compile_with_inductor(canonical, inputs if sharded is None else sharded.examples(inputs))
+
+    if sharded is not None:
+        io = sharded
+
+        def run_sharded(*args: Any) -> Any:
+            checks()
+            return io.outputs(compiled(*io.pieces([*args, *lifted])))
+
+        return run_sharded
 
     def run(*args: torch.Tensor) -> Any:
         checks()
         return compiled(*args, *lifted)
 
     return run
+
+
+def _sharded_norms(lars: LARS, params: dict[str, ParamRole]) -> dict[str, Any]:
+    """The request's sharded reduction (``lars_fx.sharding``): process groups and each LARS placeholder's weight."""
+    reduction = lars._norm_reduction
+    if reduction is None:
+        return {}
+    return {
+        "norm_process_groups": tuple(group.group_name for group in reduction.groups),
+        "norm_weights": {
+            name: lars._norm_weights[role.group_index][role.index_in_group] for name, role in params.items() if role.use_lars
+        },
+    }
+
+
+class _ShardedIO:
+    """A step over sharded (DTensor) parameters, compiled over this rank's pieces: Dynamo's graph of ``SGD.step`` is
+    elementwise, so on the pieces it computes each rank's piece of its result. Inputs are turned into their pieces
+    (``to_local()``; Dynamo's integer inputs, e.g. a gradient's storage offset, stay numbers), and the new momentum
+    buffers the graph returns into DTensors placed as Dynamo's graph says its outputs are."""
+
+    def __init__(self, output_specs: list[Any]) -> None:
+        self.output_specs = output_specs
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule, sgd: SGD) -> _ShardedIO:
+        for group_index, group in enumerate(sgd.param_groups):
+            for index, param in enumerate(group["params"]):
+                grad = param.grad
+                if grad is not None and is_dtensor(param) and tuple(grad.placements) != tuple(param.placements):
+                    raise ValueError(
+                        f"backend 'lars_fx': the gradient of {parameter_name(group, group_index, index)} is placed "
+                        f"{tuple(grad.placements)}, its parameter {tuple(param.placements)}; the backend steps pieces "
+                        "laid out alike. Step with lars_fx.LARS(sgd, ...), which redistributes the gradient first"
+                    )
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+        specs = [
+            node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None for node in values
+        ]
+        return cls([value if is_dtensor(value) else None for value in specs])
+
+    @staticmethod
+    def examples(inputs: list[Any]) -> list[Any]:
+        return [_piece(t) if is_dtensor(t) else _hint(t) for t in inputs]
+
+    @staticmethod
+    def pieces(inputs: list[Any]) -> list[Any]:
+        return [t.to_local() if is_dtensor(t) else t for t in inputs]
+
+    def outputs(self, outputs: Any) -> Any:
+        if not outputs:
+            return outputs
+        from torch.distributed.tensor import DTensor
+
+        return type(outputs)(
+            DTensor.from_local(out, spec.device_mesh, spec.placements, run_check=False, shape=spec.shape,
+                               stride=spec.stride())
+            if spec is not None and isinstance(out, torch.Tensor) else out
+            for out, spec in zip(outputs, [*self.output_specs, *[None] * (len(outputs) - len(self.output_specs))])
+        )
+
+
+def _piece(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local()
+
+
+def _hint(value: Any) -> Any:
+    """A symbolic integer Dynamo hands the backend, as its current value (the graph over pieces does not read it)."""
+    return value.node.hint if isinstance(value, torch.SymInt) else value
 
 
 # Registered once, at import (torch.compile imports this module to look the backend up, before any
