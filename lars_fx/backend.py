@@ -353,7 +353,10 @@ def lars_fx_backend(
     sharded = _ShardedIO.of(gm, sgd) if lars._has_dtensors else None
     gm, lifted = _lift_attributes(gm)
     inputs = [*example_inputs, *lifted]
-    canonical = canonicalize(gm, inputs if sharded is None else sharded.examples(inputs))
+    # What the graph is traced and compiled with: numbers for Dynamo's symbolic integers (a gradient's storage
+    # offset when gradients are views of one buffer, e.g. DDP's gradient_as_bucket_view), pieces of DTensors.
+    examples = [_hint(t) for t in inputs] if sharded is None else sharded.examples(inputs)
+    canonical = canonicalize(gm, examples)
     placeholders = [n.name for n in canonical.graph.nodes if n.op == "placeholder"]
     params = {name: roles[id(t)] for name, t in zip(placeholders, inputs) if id(t) in roles}
     writes_params = any(
@@ -369,7 +372,7 @@ def lars_fx_backend(
     if not writes_params:
         log.info("lars-fx backend: graph writes no parameter of the optimizer; compiling it unchanged")
         with standalone():
-            compiled = compile_fx(canonical, inputs)
+            compiled = compile_fx(canonical, examples)
         checks = _RunChecks(sgd, [])
     else:
         request = LarsRequest(
@@ -394,7 +397,7 @@ def lars_fx_backend(
         checks = _RunChecks(sgd, _first_steps(request, sgd, dict(zip(placeholders, inputs))))
         carry = CarriedNorms.of(request, canonical)
         if carry is not None:
-            carried = compile_with_inductor(canonical, inputs + carry.inputs(inputs))
+            carried = compile_with_inductor(canonical, examples + carry.inputs(examples))
 
             def run_carrying(*args: torch.Tensor) -> Any:
                 checks()
@@ -402,7 +405,7 @@ def lars_fx_backend(
                 return carry.keep(flat, carried(*flat, *carry.inputs(flat)))
 
             return run_carrying
-        compiled = compile_with_inductor(canonical, inputs if sharded is None else sharded.examples(inputs))
+        compiled = compile_with_inductor(canonical, examples)
 
     if sharded is not None:
         io = sharded

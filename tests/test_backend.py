@@ -477,3 +477,35 @@ def test_a_parameter_whose_first_gradient_comes_later(backend, graphs_run_eagerl
                                         coefficient=0.05, epsilon=1e-5, weight_decay=0.0)
         torch.testing.assert_close(late.detach().double(), want[0], rtol=2e-5, atol=1e-6)
     assert len(graphs_run_eagerly) == 3  # no buffers; late's first step; every buffer
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_gradients_that_are_views_of_one_buffer(foreach, graphs_run_eagerly):
+    """DDP's gradient_as_bucket_view: Dynamo hands the backend each gradient's storage offset as a symbolic
+    integer (was a PatternMismatch naming a written input that is no parameter)."""
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3)).double()
+
+    def bucketed_gradients(model: nn.Module) -> None:
+        flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        offset = 0
+        for p in model.parameters():
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    x = torch.randn(8, 5, dtype=torch.float64)
+    model, reference = build(), build()
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=foreach)
+    step = torch.compile(sgd.step, backend="lars_fx", options={"coefficient": 0.02})
+    expected = lars_fx.LARS(torch.optim.SGD(reference.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
+                            coefficient=0.02, foreach=False)
+    for _ in range(3):
+        for net, optimizer_step in ((model, step), (reference, expected.step)):
+            net(x).square().mean().backward()
+            if net is model:
+                bucketed_gradients(net)
+            optimizer_step()
+            net.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
