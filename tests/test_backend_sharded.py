@@ -2,7 +2,8 @@
 
 One spawn (``dist_harness.run_on_ranks``) runs FSDP2 (an uneven layer, two param groups) and tensor parallelism
 with plain parameters beside DTensors (over ``SGD(foreach=False)``: torch's foreach SGD cannot take a mixed
-plain/DTensor list), and returns per rank the full parameters after each step, the all-reduces of each step
+plain/DTensor list), FSDP2 with gradients placed unlike their parameters (LARS redistributes them, the backend
+refuses them), and returns per rank the full parameters after each step, the all-reduces of each step
 (``torch.profiler``) and the type of the momentum buffers; the tests compare them with the single-process
 full-batch float64 run of ``lars_fx.LARS(..., foreach=False)``.
 """
@@ -94,8 +95,51 @@ def _run(layout: str) -> dict[str, Any]:
     return {"trajectory": trajectory, "all_reduces": all_reduces, "buffer_types": buffer_types}
 
 
+def _replicated_gradients() -> dict[str, Any]:
+    """FSDP2 parameters whose gradients are Replicate DTensors (placed unlike them): LARS redistributes them to the
+    parameters' Shard(0) before it steps; the backend refuses them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = _Net()
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(model, mesh=mesh)
+    x, y = _data()
+    x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+
+    def backward() -> None:
+        (((model(x) - y) ** 2).sum() * world).backward()
+        for p in model.parameters():
+            p.grad = p.grad.redistribute(mesh, [Replicate()])
+
+    backward()
+    sgd = torch.optim.SGD(_groups(model), lr=0.1, momentum=0.9)
+    try:
+        torch.compile(sgd.step, backend="lars_fx", options={"coefficient": COEFFICIENT})()
+        refusal = None
+    except Exception as error:  # Dynamo wraps the backend's error
+        refusal = str(error)
+    torch._dynamo.reset()
+    sgd = torch.optim.SGD(_groups(model), lr=0.1, momentum=0.9)  # a fresh one: the backend claimed the first
+    opt = lars_fx.LARS(sgd, coefficient=COEFFICIENT)
+    trajectory = []
+    for step in range(STEPS):
+        if step:
+            backward()
+        opt.step()
+        opt.zero_grad()
+        trajectory.append([_full(p) for p in model.parameters()])
+    return {"trajectory": trajectory, "refusal": refusal}
+
+
 def _ranks() -> dict[str, Any]:
-    return {layout: _run(layout) for layout in ("fsdp2", "tp")}
+    results = {layout: _run(layout) for layout in ("fsdp2", "tp")}
+    results["replicated_gradients"] = _replicated_gradients()
+    return results
 
 
 @functools.cache
@@ -137,3 +181,16 @@ def test_backend_momentum_buffers_stay_placed_as_their_parameters(layout: str) -
     for rank_result in _results():
         for name, (param_type, buffer_type) in rank_result[layout]["buffer_types"].items():
             assert buffer_type == param_type, f"{name}: a {param_type} parameter with a {buffer_type} momentum buffer"
+
+
+def test_lars_redistributes_gradients_placed_unlike_their_parameters() -> None:
+    for rank_result in _results():
+        for step, (got, want) in enumerate(zip(rank_result["replicated_gradients"]["trajectory"], _reference())):
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, **TOLERANCE, msg=f"step {step}")
+
+
+def test_backend_refuses_gradients_placed_unlike_their_parameters() -> None:
+    for rank_result in _results():
+        refusal = rank_result["replicated_gradients"]["refusal"]
+        assert refusal is not None and "placed" in refusal and "lars_fx.LARS(sgd" in refusal, refusal
