@@ -431,7 +431,9 @@ def _sharded_norms(lars: LARS, params: dict[str, ParamRole]) -> dict[str, Any]:
     return {
         "norm_process_groups": tuple(group.group_name for group in reduction.groups),
         "norm_weights": {
-            name: lars._norm_weights[role.group_index][role.index_in_group] for name, role in params.items() if role.use_lars
+            name: lars._norm_weights[role.group_index][role.index_in_group]
+            for name, role in params.items()
+            if role.use_lars
         },
     }
 

@@ -270,10 +270,10 @@ class LARS(Optimizer):
     ``weight_decay``, ``momentum`` and ``dampening`` are checked at every step (a tensor lr on a GPU
     only for its shape: reading its value would sync).
 
-    Sharded parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism, both, HSDP) step in every mode
-    but the ``lars_fx`` backend: each rank computes its pieces' sums of squares, one all-reduce per sharding
-    mesh dimension sums those of the whole step, and the update runs on the local shards (see
-    docs/distributed.md). FSDP1's flat-parameter slices are refused (use FSDP2).
+    Sharded parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism, both, HSDP) step in every mode:
+    each rank computes its pieces' sums of squares, one all-reduce per sharding mesh dimension sums those of
+    the whole step, and the update runs on the local shards (see docs/distributed.md). FSDP1's flat-parameter
+    slices are refused (use FSDP2).
 
     Norms are computed in float32 for float32 and half-precision tensors (float64 for float64), as
     MindSpore's kernel does: a ``||w||`` or ``||g||`` above about 1.8e19 overflows to inf and the
@@ -397,7 +397,9 @@ class LARS(Optimizer):
         self._lars_masks = masks
         self._refresh_norm_reduction(lars_params, lars_names, places)
 
-    def _refresh_norm_reduction(self, lars_params: list[Tensor], names: list[str], places: list[tuple[int, int]]) -> None:
+    def _refresh_norm_reduction(
+        self, lars_params: list[Tensor], names: list[str], places: list[tuple[int, int]]
+    ) -> None:
         """Sharded (DTensor) parameters: how the step reduces their norms (``lars_fx.sharding``), decided here
         once, with each LARS parameter's weight by group and index (read by the step, compiled or not)."""
         self._has_dtensors = any(sharding.is_dtensor(p) for group in self.param_groups for p in group["params"])
@@ -496,10 +498,13 @@ class LARS(Optimizer):
         ]
 
     def _step_norms(
-        self, collected: list[tuple[list[Tensor], list[Tensor], list[bool]]], locals_: list[tuple[list[Tensor], list[Tensor]]]
+        self,
+        collected: list[tuple[list[Tensor], list[Tensor], list[bool]]],
+        locals_: list[tuple[list[Tensor], list[Tensor]]],
     ) -> list[tuple[Tensor, Tensor] | None]:
-        """``(||w||, ||g||)`` of every group's LARS tensors when they are sharded: local sums of squares of the whole
-        step in one vector, one all-reduce per sharding process group (``lars_fx.sharding``). None per group without."""
+        """``(||w||, ||g||)`` of every group's LARS tensors when they are sharded: local sums of squares of the
+        whole step in one vector, one all-reduce per sharding process group (``lars_fx.sharding``). None per group
+        without."""
         reduction = self._norm_reduction
         if reduction is None:
             return [None] * len(collected)
@@ -602,11 +607,13 @@ class LARS(Optimizer):
         maximize: bool,
         norms: tuple[Tensor, Tensor] | None,
     ) -> list[Tensor]:
-        """The LARS-scaled gradients of ``params`` (of their ``local`` pieces, and gradients, with sharded ``norms``)."""
+        """The LARS-scaled gradients of ``params`` (computed on their ``local`` pieces, with the sharded ``norms``)."""
         options = self._lars_options(self.param_groups[group_index])
         local_params, local_grads = local
         if self.foreach or self.telemetry is not None:
-            result = F.lars_gradients_foreach(local_params, local_grads, mask, maximize=maximize, norms=norms, **options)
+            result = F.lars_gradients_foreach(
+                local_params, local_grads, mask, maximize=maximize, norms=norms, **options
+            )
             self._record_telemetry(group_index, params, mask, result.norms)
             if self.foreach:
                 return result.updates
@@ -677,7 +684,9 @@ class LARS(Optimizer):
                 params, grads, mask = collected[group_index]
                 if params:
                     maximize = group.get("maximize", False)
-                    updates = self._lars_updates(group_index, params, locals_[group_index], mask, maximize, norms[group_index])
+                    updates = self._lars_updates(
+                        group_index, params, locals_[group_index], mask, maximize, norms[group_index]
+                    )
                     for p, g, u in zip(params, grads, updates):
                         saved_grads.append((p, g))
                         u = -u if maximize else u

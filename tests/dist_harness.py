@@ -5,7 +5,7 @@ after ``init_process_group("gloo", timeout <= 60 s)`` and returns the ranks' ret
 A rank that raises, exits without a result, or a run that outlives ``bound_s`` makes it raise
 ``DistributedRunError`` quickly (not after the process group's timeout) with every rank's traceback:
 the failing rank's exception, and where the other ranks were stuck (their Python stacks, dumped by
-``faulthandler`` on SIGUSR1 before they are killed).
+``faulthandler`` on SIGUSR1 before they are killed). ``run_bounded`` runs a launcher command under the same kind of bound.
 
 Why subprocesses started here rather than ``torch.multiprocessing.spawn`` or ``torchrun --standalone``:
 each rank leads its own process session, so a kill also reaches what the rank started (Inductor's compile
@@ -335,3 +335,20 @@ def count_collectives(fn: Callable[[], Any]) -> tuple[Any, collections.Counter]:
 
 if __name__ == "__main__":
     _rank_main(Path(sys.argv[1]), int(sys.argv[2]))
+
+
+def run_bounded(
+    command: list[str], bound_s: float, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``command`` (a launcher such as torchrun, or a script that spawns its ranks) in a process session of its
+    own, so that past ``bound_s`` seconds it is killed with everything it started; raises with its output then."""
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{command} outlived {bound_s} s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -7,32 +7,16 @@ reduce, some where LARS norms are sharded) and the sharded LARS step ends on the
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist_harness import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_distributed.py"
 BOUND_S = 240  # two ranks' start-up, a few steps per row; killed with everything it started past this
 ROWS = ["lars_eager", "local_no_collective", "dtensor_functional", "sgd_dtensor", "sgd_local"]
-
-
-def run_bounded(command: list[str], bound_s: float) -> subprocess.CompletedProcess:
-    """``command`` in a session of its own, so that on timeout its ranks are killed with it."""
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=bound_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"{command} outlived {bound_s} s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def table_rows(markdown: str) -> list[list[str]]:
@@ -48,7 +32,7 @@ def test_reduced_benchmark_writes_its_table(tmp_path: Path) -> None:
         sys.executable, str(BENCH), "--model", "resnet50", "--tensors", "6", "--iters", "2", "--warmup", "1",
         "--rows", ",".join(ROWS), "--out", str(out),
     ]
-    result = run_bounded(command, BOUND_S)
+    result = run_bounded(command, BOUND_S, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
 
     table = out.read_text()

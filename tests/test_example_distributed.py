@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_harness import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -20,21 +19,6 @@ REDUCED = ["--steps", "12", "--dtype", "float64"]
 BOUND_S = 240  # torchrun's agent and two ranks start in ~10 s on an idle 2-core machine; training takes seconds
 STEP = re.compile(r"^step +(\d+) +lr [\d.]+ +loss ([\d.e+-]+)$")
 ACCURACY = re.compile(r"^(\w+): final test accuracy ([\d.]+)%")
-
-
-def run_bounded(command: list[str], bound_s: float) -> subprocess.CompletedProcess:
-    """``command`` in a session of its own, so that on timeout torchrun's agent and ranks are killed with it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=bound_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"{command} outlived {bound_s} s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def parse_runs(output: str) -> dict[str, tuple[list[float], float]]:
@@ -79,7 +63,7 @@ def test_ddp_and_fsdp2_follow_the_one_process_run(
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE),
         "--wrap", "ddp,fsdp2", *REDUCED,
     ]
-    result = run_bounded(command, BOUND_S)
+    result = run_bounded(command, BOUND_S, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
     runs = parse_runs(result.stdout)
     assert set(runs) == {"ddp", "fsdp2"}, result.stdout
