@@ -40,6 +40,13 @@ rerun the graph that creates its momentum buffer: the claim creates the (empty) 
 parameter of a group with momentum before the first trace with gradients, and a graph about to
 restart an existing buffer is refused. Sparse and complex gradients and parameters without data
 (meta device, fake tensors) are refused as ``lars_fx.LARS`` refuses them.
+
+Sharded (DTensor) parameters (FSDP2, tensor parallelism): Dynamo's graph of ``SGD.step`` is elementwise, so the
+backend traces and compiles it over this rank's pieces (``to_local()``), ``reduce_sharded_norms`` sums the
+step's local squared norms with one functional all-reduce per sharding process group inside the graph (see
+``lars_fx.sharding``), and the momentum buffers a first step creates are returned as DTensors placed as Dynamo's
+graph says. Weight norms are not carried over such parameters, and a gradient placed unlike its parameter is
+refused (``lars_fx.LARS`` redistributes it).
 """
 
 from __future__ import annotations
@@ -467,7 +474,7 @@ class _ShardedIO:
 
     @staticmethod
     def examples(inputs: list[Any]) -> list[Any]:
-        return [_piece(t) if is_dtensor(t) else _hint(t) for t in inputs]
+        return [t.to_local() if is_dtensor(t) else _hint(t) for t in inputs]
 
     @staticmethod
     def pieces(inputs: list[Any]) -> list[Any]:
@@ -484,10 +491,6 @@ class _ShardedIO:
             if spec is not None and isinstance(out, torch.Tensor) else out
             for out, spec in zip(outputs, [*self.output_specs, *[None] * (len(outputs) - len(self.output_specs))])
         )
-
-
-def _piece(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local()
 
 
 def _hint(value: Any) -> Any:

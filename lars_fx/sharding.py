@@ -21,6 +21,7 @@ them. It uses functional collectives, which run eagerly and which Inductor compi
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
