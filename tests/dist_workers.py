@@ -401,19 +401,24 @@ def fsdp2_job(checkpoint_dir: str, single_device_state: dict[str, Any]) -> dict[
     return checks.results
 
 
-def full_state_in(mode: str, full_state: dict[str, Any]) -> dict[str, Any]:
-    """A single-device run's full state dicts loaded into a fresh FSDP2 model and optimizer, then trained on."""
+def load_full_state(model: nn.Module, optimizer: Any, full_state: dict[str, Any]) -> None:
+    """``set_state_dict`` of full (unsharded) state dicts, into a sharded run or a single-device one."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model = fsdp2_model(seed=1)
-    stepper = Stepper(model, "nesterov", mode)
     set_state_dict(
         model,
-        stepper.optimizer,
+        optimizer,
         model_state_dict=full_state["model"],
         optim_state_dict=full_state["optim"],
         options=StateDictOptions(full_state_dict=True),
     )
+
+
+def full_state_in(mode: str, full_state: dict[str, Any]) -> dict[str, Any]:
+    """A single-device run's full state dicts loaded into a fresh FSDP2 model and optimizer, then trained on."""
+    model = fsdp2_model(seed=1)
+    stepper = Stepper(model, "nesterov", mode)
+    load_full_state(model, stepper.optimizer, full_state)
     return train(model, stepper, data_parallel_batches(), range(RESUME_AT, STEPS))
 
 
@@ -430,17 +435,9 @@ def single_device_full_state(steps: int = RESUME_AT) -> dict[str, Any]:
 
 def single_device_resume(full_state: dict[str, Any]) -> list[dict[str, Tensor]]:
     """In the test process: a single-device run (the reference mode) resumed from full state dicts."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     model = build_model(seed=1)
     stepper = Stepper(model, "nesterov", "for_loop")
-    set_state_dict(
-        model,
-        stepper.optimizer,
-        model_state_dict=full_state["model"],
-        optim_state_dict=full_state["optim"],
-        options=StateDictOptions(full_state_dict=True),
-    )
+    load_full_state(model, stepper.optimizer, full_state)
     return train(model, stepper, batches(), range(RESUME_AT, STEPS))["trajectory"]
 
 

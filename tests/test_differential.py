@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from lars_modes import lars_step_in_mode
 from torch import Tensor
 
 import lars_fx
@@ -732,16 +733,8 @@ def test_fused_keys_for_changing_gradient_subsets_are_bounded():
 
 def _single_parameter_step(mode: str, params: dict[str, torch.nn.Parameter], lr: float | Tensor,
                            **lars_options: Any) -> Callable[[], Any]:
-    sgd = torch.optim.SGD([{"params": list(params.items())}], lr=lr, momentum=0.9, weight_decay=1e-3)
-    if mode == "backend":
-        torch._dynamo.reset()
-        return torch.compile(sgd.step, backend="lars_fx", options={"lars_filter": lambda info: True, **lars_options})
-    lars = lars_fx.LARS(sgd, lars_filter=lambda info: True, foreach=mode != "per_tensor", fused=mode == "fused",
-                        **lars_options)
-    if mode == "compiled_step":
-        torch._dynamo.reset()
-        return torch.compile(lars.step)
-    return lars.step
+    return lars_step_in_mode(mode, list(params.items()), {"lr": lr, "momentum": 0.9, "weight_decay": 1e-3},
+                             **lars_options)
 
 
 @pytest.mark.parametrize("mode", MODES)

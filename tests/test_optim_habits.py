@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from lars_modes import lars_step_in_mode
 from torch import Tensor, nn
 
 import lars_fx
@@ -403,15 +404,7 @@ ALL_MODES = (*MODES, "compiled_step", "backend")
 
 
 def _single(mode: str, param: nn.Parameter, **sgd_options: Any) -> Callable[[], Any]:
-    sgd = torch.optim.SGD([("w", param)], lr=0.1, **sgd_options)
-    if mode == "backend":
-        torch._dynamo.reset()
-        return torch.compile(sgd.step, backend="lars_fx", options={"lars_filter": lambda p: True})
-    opt = lars_fx.LARS(sgd, lars_filter=lambda p: True, foreach=mode != "per_tensor", fused=mode == "fused")
-    if mode == "compiled_step":
-        torch._dynamo.reset()
-        return torch.compile(opt.step)
-    return opt.step
+    return lars_step_in_mode(mode, [("w", param)], {"lr": 0.1, **sgd_options})
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
