@@ -1,8 +1,8 @@
 """The LARS math, written once.
 
 Everything else in lars-fx (the ``LARS`` optimizer, the FX passes, the ONNX export) builds on the
-functions here, so the eager, fused and exported paths cannot drift apart. This module imports
-nothing from the rest of the project.
+functions here, so the eager, fused and exported paths cannot drift apart. ``lars_fx.functional``
+imports nothing from the rest of the project.
 
 Notation (MindSpore's ``nn.LARS`` / ``LARSUpdate``; You et al. 2017):
 
@@ -30,7 +30,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from .options import LarsOptions
 
 __all__ = [
     "trust_ratio",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 Number = float | Tensor
+
+_DEFAULTS = LarsOptions()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -193,8 +196,8 @@ def lars_sgd_reference(
     dampening: float = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
-    coefficient: float = 0.001,
-    epsilon: float = 1e-5,
+    coefficient: float = _DEFAULTS.coefficient,
+    epsilon: float = _DEFAULTS.epsilon,
     use_clip: bool = False,
     unit_trust_on_zero_norm: bool = False,
     lr_inside_momentum: bool = False,
@@ -288,6 +291,20 @@ class NormCollector:
         return LarsNorms(*columns)
 
 
+def _by_device_and_dtype(
+    tensor_lists: list[list[Tensor]],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]]:
+    """The positions of ``tensor_lists`` grouped by the first list's device and dtype, in order of first
+    appearance: ``{(device, dtype): ([[tensors of list 0], [of list 1], ...], [positions])}``."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]] = {}
+    for position, first in enumerate(tensor_lists[0]):
+        lists, positions = groups.setdefault((first.device, first.dtype), ([[] for _ in tensor_lists], []))
+        for column, tensors in zip(lists, tensor_lists):
+            column.append(tensors[position])
+        positions.append(position)
+    return groups
+
+
 def _given_norms(norms: tuple[Tensor, Tensor] | None) -> Iterator[tuple[Tensor, Tensor]] | None:
     return None if norms is None else zip(norms[0].unbind(0), norms[1].unbind(0), strict=True)
 
@@ -360,7 +377,7 @@ def lars_gradients_foreach(
     collector = NormCollector()
     if lars_index:
         lars_tensors = [[params[i] for i in lars_index], [grads[i] for i in lars_index]]
-        grouped = _group_tensors_by_device_and_dtype(lars_tensors, with_indices=True)
+        grouped = _by_device_and_dtype(lars_tensors)
         for (ws, gs), indices in grouped.values():
             w_norm, g_norm, coeff = _trust_ratios(ws, gs, _pick(norms, indices), **options)
             for position, u in zip(indices, _scaled_gradients(ws, gs, coeff, weight_decay, decays, sign)):
@@ -381,8 +398,8 @@ def lars_sgd_foreach(
     dampening: float = 0.0,
     nesterov: bool = False,
     maximize: bool = False,
-    coefficient: float = 0.001,
-    epsilon: float = 1e-5,
+    coefficient: float = _DEFAULTS.coefficient,
+    epsilon: float = _DEFAULTS.epsilon,
     use_clip: bool = False,
     unit_trust_on_zero_norm: bool = False,
     lr_inside_momentum: bool = False,
@@ -404,7 +421,7 @@ def lars_sgd_foreach(
                    unit_trust_on_zero_norm=unit_trust_on_zero_norm)
     collector = NormCollector()
     lars_rank = {i: rank for rank, i in enumerate(i for i, use_lars in enumerate(lars_mask) if use_lars)}
-    grouped = _group_tensors_by_device_and_dtype([list(params), list(grads)], with_indices=True)
+    grouped = _by_device_and_dtype([list(params), list(grads)])
     for (device, dtype), ((ws, gs), indices) in grouped.items():
         gs = list(gs)
         cdtype = compute_dtype(dtype)
