@@ -1,9 +1,10 @@
-"""Time one LARS step on FSDP2-sharded parameters against the same math with no collective; write a table.
+r"""Time one LARS step on FSDP2-sharded parameters against the same math with no collective; write a table.
 
     python benchmarks/bench_distributed.py                                  # ResNet-50 shapes, 2 ranks, gloo
     python benchmarks/bench_distributed.py --model vitl --tensors 52        # a slice of ViT-L/16 (4 blocks)
     python benchmarks/bench_distributed.py --model vitl                     # all of ViT-L: ~8 GiB per rank
-    torchrun --standalone --nproc_per_node=2 benchmarks/bench_distributed.py --rows lars_eager,local_no_collective
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_distributed.py \
+        --rows lars_eager,local_no_collective
 
 Without torchrun the script spawns ``--nproc`` ranks itself (gloo on 127.0.0.1). The parameters are
 ``fully_shard``-ed (FSDP2) on a 1-D mesh of every rank: DTensors with ``Shard(0)``, uneven where the first
@@ -11,17 +12,20 @@ dimension does not divide. Every row steps its own copy of the same random weigh
 
 - ``lars_eager`` / ``lars_fused``: ``lars_fx.LARS(SGD(...))`` on the DTensor parameters, eager foreach and
   ``fused=True``: the sharded LARS step, whose target is 1.3x the local step with no collective.
-- ``local_no_collective``: ``lars_fx.functional.lars_sgd_foreach`` on each rank's local shards, local gradients
-  and local momentum buffers: per-shard trust ratios, wrong numbers on purpose, the floor of the sharded step.
+- ``local_no_collective``: ``lars_fx.functional.lars_sgd_foreach`` on each rank's local shards, local
+  gradients and local momentum buffers: per-shard trust ratios, wrong numbers on purpose, the floor of the
+  sharded step.
 - ``dtensor_functional``: ``lars_sgd_foreach`` called on the DTensors themselves (DTensor dispatch reduces the
   norms): the eager sharded step as it was before lars-fx reduced the norms itself.
-- ``sgd_dtensor`` / ``sgd_local``: ``torch.optim.SGD(foreach=True)``, no LARS, on the DTensors and on the shards.
+- ``sgd_dtensor`` / ``sgd_local``: ``torch.optim.SGD(foreach=True)``, no LARS, on the DTensors and on the
+  shards.
 
 Per row: the median and IQR of the slowest rank's step time, the ratio to ``local_no_collective`` in the same
 run, the collectives of one untimed step counted with ``torch.profiler`` (one backend event per collective:
 ``gloo:all_reduce``), and, for the LARS rows, how far their weights end from ``dtensor_functional``'s after
-the same steps. The markdown goes to ``--out`` (default ``benchmarks/results/distributed_<model>_<N>xgloo.md``)
-and stdout; progress to stderr. Needs lars-fx installed (``pip install -e . --no-deps``).
+the same steps. The markdown goes to ``--out`` (default
+``benchmarks/results/distributed_<model>_<N>xgloo.md``) and stdout; progress to stderr. Needs lars-fx
+installed (``pip install -e . --no-deps``).
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -53,7 +58,8 @@ if TYPE_CHECKING:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FLOOR = "local_no_collective"
-REFERENCE = "dtensor_functional"  # right numbers by DTensor's own dispatch: the LARS rows' weights are compared to it
+# right numbers by DTensor's own dispatch: the LARS rows' weights are compared to it
+REFERENCE = "dtensor_functional"
 TARGET_RATIO = 1.3
 # Each collective runs once in its backend, which records one event named "<backend>:<collective>".
 BACKEND_EVENT_PREFIXES = ("gloo:", "nccl:", "mpi:", "ucc:", "xccl:")
@@ -74,7 +80,7 @@ class Sharded:
     holder: nn.Module  # the fully_shard-ed module that owns ``params``
 
     def named(self) -> list[tuple[str, nn.Parameter]]:
-        return list(zip(self.names, self.params))
+        return list(zip(self.names, self.params, strict=True))
 
     @torch.no_grad()
     def local_params(self) -> list[Tensor]:
@@ -111,15 +117,17 @@ def _local_no_collective(sharded: Sharded) -> Step:
 
 
 def _dtensor_functional(sharded: Sharded) -> Step:
-    return _lars_sgd_foreach_step(list(sharded.params), [p.grad for p in sharded.params], lars_mask(sharded.named()))
+    return _lars_sgd_foreach_step(
+        list(sharded.params), [p.grad for p in sharded.params], lars_mask(sharded.named())
+    )
 
 
 def _sgd_local(sharded: Sharded) -> Step:
     # Detached views of the shards: leaf tensors that torch.optim accepts, writing through to the DTensors.
     shards = [piece.detach() for piece in sharded.local_params()]
-    for shard, grad in zip(shards, sharded.local_grads()):
+    for shard, grad in zip(shards, sharded.local_grads(), strict=True):
         shard.grad = grad
-    return _sgd(list(zip(sharded.names, shards)), foreach=True).step
+    return _sgd(list(zip(sharded.names, shards, strict=True)), foreach=True).step
 
 
 ROWS: dict[str, Row] = {
@@ -127,12 +135,12 @@ ROWS: dict[str, Row] = {
     for row in (
         Row("lars_eager", "LARS (foreach), eager, on FSDP2 DTensors", lambda s: LARS(_sgd(s.named())).step,
             lars_math=True),
-        Row("lars_fused", "LARS(fused=True) on FSDP2 DTensors", lambda s: _fused_lars(s.named()), compiled=True,
-            lars_math=True),
+        Row("lars_fused", "LARS(fused=True) on FSDP2 DTensors", lambda s: _fused_lars(s.named()),
+            compiled=True, lars_math=True),
         Row(FLOOR, "lars_sgd_foreach on local shards, no collective (wrong numbers: the floor)",
             _local_no_collective, lars_math=True),
-        Row(REFERENCE, "lars_sgd_foreach on DTensors (DTensor dispatch reduces the norms)", _dtensor_functional,
-            lars_math=True),
+        Row(REFERENCE, "lars_sgd_foreach on DTensors (DTensor dispatch reduces the norms)",
+            _dtensor_functional, lars_math=True),
         Row("sgd_dtensor", "torch SGD(foreach=True) on FSDP2 DTensors, no LARS",
             lambda s: _sgd(s.named(), foreach=True).step),
         Row("sgd_local", "torch SGD(foreach=True) on local shards, no LARS", _sgd_local),
@@ -141,7 +149,8 @@ ROWS: dict[str, Row] = {
 
 
 def sharded_params(shapes: Sequence[ParamShape], mesh: DeviceMesh) -> Sharded:
-    """``shapes`` as parameters of one module, ``fully_shard``-ed on ``mesh`` (built on meta: no full copy)."""
+    """``shapes`` as parameters of one module, ``fully_shard``-ed on ``mesh`` (built on meta: no full
+    copy)."""
     from torch.distributed.fsdp import fully_shard
 
     with torch.device("meta"):
@@ -168,8 +177,8 @@ def _gradients_like(params: Sequence[nn.Parameter]) -> list[Tensor]:
 
 @torch.no_grad()
 def _fill_random(pieces: Sequence[Tensor], seed: int, std: float) -> None:
-    """Each rank's pieces from its own seed: every row starts from the same values (never zeros, which can time
-    faster)."""
+    """Each rank's pieces from its own seed: every row starts from the same values (never zeros, which can
+    time faster)."""
     generator = torch.Generator().manual_seed(seed)
     for piece in pieces:
         piece.normal_(0.0, std, generator=generator)
@@ -200,8 +209,8 @@ def _run_agreed(step: Step) -> tuple[float, str | None]:
 
 
 def collectives_by_kind(names: Sequence[str]) -> tuple[Counter, str]:
-    """Collectives among profiler event ``names``, by kind (``all_reduce``, ...), each counted once; and a note
-    when the profiler's two records of them disagree.
+    """Collectives among profiler event ``names``, by kind (``all_reduce``, ...), each counted once; and a
+    note when the profiler's two records of them disagree.
 
     A collective is one ``c10d::`` dispatcher op on the calling thread (inside the frontend's
     ``_c10d_functional::all_reduce`` when there is one) and one backend event (``gloo:all_reduce``, on gloo's
@@ -267,7 +276,7 @@ def _slowest_rank(values: list[float]) -> list[float]:
     """Element-wise maximum over the ranks of equally long lists (every rank ran the same steps)."""
     gathered: list[list[float] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, values)
-    return [max(column) for column in zip(*gathered)]
+    return [max(column) for column in zip(*gathered, strict=True)]
 
 
 def _max_over_ranks(value: float) -> float:
@@ -278,7 +287,8 @@ def _max_over_ranks(value: float) -> float:
 
 @torch.no_grad()
 def _max_abs_diff(ours: Sharded, reference: Sharded) -> float:
-    diffs = [(a - b).abs().max().item() for a, b in zip(ours.local_params(), reference.local_params()) if a.numel()]
+    pairs = zip(ours.local_params(), reference.local_params(), strict=True)
+    diffs = [(a - b).abs().max().item() for a, b in pairs if a.numel()]
     return _max_over_ranks(max(diffs, default=0.0))
 
 
@@ -292,7 +302,8 @@ def run_rows(
     seed: int = 0,
     cold_compile: bool = True,
 ) -> list[DistRow]:
-    """Build and warm up every row on this rank's mesh, then time them interleaved; collective: every rank calls it."""
+    """Build and warm up every row on this rank's mesh, then time them interleaved; collective: every rank
+    calls it."""
     from torch.distributed.device_mesh import init_device_mesh
 
     rank = dist.get_rank()
@@ -311,7 +322,7 @@ def run_rows(
             if grads is None:
                 grads = _gradients_like(sharded.params)
                 _fill_random([g.to_local() for g in grads], seed=1_000 + rank, std=1e-3)
-            for param, grad in zip(sharded.params, grads):
+            for param, grad in zip(sharded.params, grads, strict=True):
                 param.grad = grad
             _fill_random(sharded.local_params(), seed=rank, std=0.05)
             note = None
@@ -349,7 +360,8 @@ def run_rows(
 
         counts: dict[str, tuple[Counter, str]] = {}
         for key in list(steps):
-            counts[key] = count_collectives(steps[key])  # one more step for every row: the weights stay comparable
+            # one more step for every row: the weights stay comparable
+            counts[key] = count_collectives(steps[key])
     counts_over_ranks: list[dict[str, tuple[Counter, str]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(counts_over_ranks, counts)
     if any(row.compiled for row in rows):
@@ -371,7 +383,9 @@ def run_rows(
             result.note = "; ".join(filter(None, notes))
             kinds = per_rank[0]
             result.all_reduces = sum(n for kind, n in kinds.items() if _is_all_reduce(kind))
-            result.other_collectives = {kind: n for kind, n in sorted(kinds.items()) if not _is_all_reduce(kind)}
+            result.other_collectives = {
+                kind: n for kind, n in sorted(kinds.items()) if not _is_all_reduce(kind)
+            }
             if row.lars_math and REFERENCE in steps and row.key != REFERENCE:
                 result.max_weight_diff = _max_abs_diff(params[row.key], params[REFERENCE])
         results.append(result)
@@ -407,28 +421,31 @@ def _target_lines(report: DistReport) -> list[str]:
 
 def format_markdown(report: DistReport, notes: Sequence[str] = ()) -> str:
     lines = [
-        f"# Optimizer step under FSDP2: {report.model} shapes on {report.world_size} ranks ({report.backend})",
+        (f"# Optimizer step under FSDP2: {report.model} shapes on {report.world_size} ranks "
+         f"({report.backend})"),
         "",
         f"- date: {report.date}",
         f"- machine: {report.machine} per rank; device: {report.device_name}",
-        f"- shapes: {report.num_tensors} fp32 tensors ({report.num_lars_tensors} under LARS's default filter), "
-        f"{report.num_params:,} parameters{report.shapes_note}; fully_shard on a 1-D mesh of {report.world_size} "
-        "ranks (Shard(0), uneven where the first dimension does not divide)",
-        f"- step: lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY}; LARS coefficient 0.001, epsilon 1e-5",
-        f"- timing: each step's time on its slowest rank, median of {report.iters} steps after {report.warmup} "
-        "warmup steps, the rows interleaved (one step each per round, the ranks lined up by an all-reduce between "
-        "steps, outside the timed step); compile s = what the warmup steps took above the median; "
-        "× local = this row's time over the local no-collective step's",
-        "- collectives per step: one untimed step under torch.profiler, one backend event per collective "
-        "(gloo:all_reduce, ...); the same on every rank unless the note says otherwise",
-        "- max |Δw|: the largest difference of a row's weights from the DTensor-dispatched lars_sgd_foreach's "
-        "after the same steps (the local no-collective step differs on purpose: per-shard trust ratios)",
+        (f"- shapes: {report.num_tensors} fp32 tensors ({report.num_lars_tensors} under LARS's default "
+         f"filter), {report.num_params:,} parameters{report.shapes_note}; fully_shard on a 1-D mesh of "
+         f"{report.world_size} ranks (Shard(0), uneven where the first dimension does not divide)"),
+        (f"- step: lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY}; LARS coefficient 0.001, "
+         "epsilon 1e-5"),
+        (f"- timing: each step's time on its slowest rank, median of {report.iters} steps after "
+         f"{report.warmup} warmup steps, the rows interleaved (one step each per round, the ranks lined up "
+         "by an all-reduce between steps, outside the timed step); compile s = what the warmup steps took "
+         "above the median; × local = this row's time over the local no-collective step's"),
+        ("- collectives per step: one untimed step under torch.profiler, one backend event per collective "
+         "(gloo:all_reduce, ...); the same on every rank unless the note says otherwise"),
+        ("- max |Δw|: the largest difference of a row's weights from the DTensor-dispatched "
+         "lars_sgd_foreach's after the same steps (the local no-collective step differs on purpose: "
+         "per-shard trust ratios)"),
         *_target_lines(report),
         *(f"- {note}" for note in notes),
         *_spread_warnings(report.rows),
         "",
-        "| row | median ms | IQR ms | compile s | × local no-collective | all-reduces / step | other collectives "
-        "/ step | max abs Δw vs DTensor step | note |",
+        ("| row | median ms | IQR ms | compile s | × local no-collective | all-reduces / step | other "
+         "collectives / step | max abs Δw vs DTensor step | note |"),
         "|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for row in report.rows:
@@ -449,20 +466,24 @@ def format_markdown(report: DistReport, notes: Sequence[str] = ()) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
-    parser.add_argument(
-        "--tensors", type=int, default=0, help="step only the model's first N tensors (default 0: all of them)"
-    )
+    parser.add_argument("--tensors", type=int, default=0,
+                        help="step only the model's first N tensors (default 0: all of them)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks to spawn (ignored under torchrun)")
     parser.add_argument("--iters", type=int, default=20, help="timed steps per row (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row, compiles included (>= 2)")
-    parser.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads per rank (default 1: the ranks share the cores)"
+        "--warmup", type=int, default=3, help="untimed steps per row, compiles included (>= 2)"
     )
+    parser.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ROWS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per rank (default 1: the ranks share the cores)")
     parser.add_argument("--pg-timeout", type=float, default=60.0, help="process-group timeout in seconds")
-    parser.add_argument("--warm-compile", action="store_true", help="keep Inductor's caches (compile times shrink)")
+    parser.add_argument(
+        "--warm-compile", action="store_true", help="keep Inductor's caches (compile times shrink)"
+    )
     parser.add_argument("--note", action="append", default=[], help="a line added to the header (repeatable)")
-    parser.add_argument("--out", type=Path, help="markdown file (default: benchmarks/results/distributed_<...>.md)")
+    parser.add_argument(
+        "--out", type=Path, help="markdown file (default: benchmarks/results/distributed_<...>.md)"
+    )
     args = parser.parse_args(argv)
     wanted = args.rows.split(",") if args.rows else list(ROWS)
     unknown = [key for key in wanted if key not in ROWS]
@@ -493,7 +514,9 @@ def worker(rank: int, world_size: int, init_method: str, args: argparse.Namespac
         timeout=datetime.timedelta(seconds=args.pg_timeout),
     )
     try:
-        progress = (lambda message: print(message, file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
+        progress = (
+            (lambda message: print(message, file=sys.stderr, flush=True)) if rank == 0 else (lambda m: None)
+        )
         shapes, shapes_note = _shapes(args)
         rows = run_rows(
             shapes, [ROWS[key] for key in args.rows], args.warmup, args.iters, progress,

@@ -2,9 +2,9 @@
 
 Model: 784-1024-1024-10 MLP, batch 64, MSE loss, CPU. Both artifact sets come from the same ONNX export;
 the AdamW set is ORT's own ``generate_artifacts(optimizer=OptimType.AdamW)``, the LARS set
-``lars_fx.onnx.generate_artifacts``. Each step is ``module(x, t); optimizer.step(); module.lazy_reset_grad()``.
-Prints and writes a markdown table (median and best of ``--repeats`` timed blocks) to
-benchmarks/results/ort_step.md.
+``lars_fx.onnx.generate_artifacts``. Each step is ``module(x, t); optimizer.step();
+module.lazy_reset_grad()``. Prints and writes a markdown table (median and best of ``--repeats`` timed blocks)
+to benchmarks/results/ort_step.md.
 
     python benchmarks/bench_ort_step.py [--steps 30] [--repeats 10]
 """
@@ -38,7 +38,8 @@ RESULTS = Path(__file__).parent / "results" / "ort_step.md"
 def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10)
+        torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10),
     )
 
 
@@ -54,7 +55,8 @@ def adamw_artifacts(model: torch.nn.Module, x: torch.Tensor, directory: Path) ->
         optimizer=ort_artifacts.OptimType.AdamW, artifact_directory=directory,
     )
     optimizer_model = onnx.load(directory / "optimizer_model.onnx")
-    optimizer_model.ir_version = min(optimizer_model.ir_version, 10)  # onnx 1.23 stamps IR 14; ORT 1.19 loads <= 10
+    # onnx 1.23 stamps IR 14; ORT 1.19 loads <= 10
+    optimizer_model.ir_version = min(optimizer_model.ir_version, 10)
     onnx.save(optimizer_model, directory / "optimizer_model.onnx")
 
 
@@ -86,7 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, nargs="+", default=[0, 1], help="intra-op threads (0: ORT's default)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[0, 1], help="intra-op threads (0: ORT's default)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     onnxruntime.set_default_logger_severity(3)
@@ -122,11 +126,11 @@ def main() -> None:
     lines = [
         "# One ONNX Runtime training step: LARS artifacts vs ORT's AdamW",
         "",
-        f"784-1024-1024-10 MLP, batch 64, MSE, forward + backward + optimizer; onnxruntime-training "
-        f"{onnxruntime.__version__}, {os.cpu_count()} CPU cores ({platform.machine()}); {args.steps} steps per "
-        f"block, {args.repeats} blocks each, the two alternating. The machine is shared with other jobs: "
+        (f"784-1024-1024-10 MLP, batch 64, MSE, forward + backward + optimizer; onnxruntime-training "
+        f"{onnxruntime.__version__}, {os.cpu_count()} CPU cores ({platform.machine()}); {args.steps} steps "
+        f"per block, {args.repeats} blocks each, the two alternating. The machine is shared with other jobs: "
         "the best block and, with one thread, the process CPU time are the less disturbed figures (with the "
-        "default threads, CPU time counts ORT's spinning workers).",
+        "default threads, CPU time counts ORT's spinning workers)."),
         "",
         "| intra-op threads | artifacts | median ms/step | best ms/step | median CPU ms/step |",
         "| --- | --- | ---: | ---: | ---: |",

@@ -24,9 +24,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet50")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--iters", type=int, default=20, help="timed steps per peer (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per peer, compiles included (>= 2)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps per peer, compiles included (>= 2)"
+    )
     parser.add_argument(
         "--peers", help=f"comma-separated subset of: {', '.join(PEERS)} (default: all that run on the device)"
     )
@@ -36,9 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's); on a CPU shared with other jobs, 1 avoids OpenMP "
         "threads waiting on descheduled peers, which inflates eager times many-fold",
     )
-    parser.add_argument("--warm-compile", action="store_true", help="keep Inductor's caches (compile times shrink)")
+    parser.add_argument(
+        "--warm-compile", action="store_true", help="keep Inductor's caches (compile times shrink)"
+    )
     parser.add_argument("--note", action="append", default=[], help="a line added to the header (repeatable)")
-    parser.add_argument("--out", type=Path, help="markdown file (default: benchmarks/results/step_<model>_<device>.md)")
+    parser.add_argument(
+        "--out", type=Path, help="markdown file (default: benchmarks/results/step_<model>_<device>.md)"
+    )
     return parser.parse_args(argv)
 
 

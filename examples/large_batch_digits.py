@@ -82,7 +82,8 @@ def make_model() -> nn.Module:
 
 
 def train(
-    method: Method, data: Data, batch_size: int, seed: int, epochs: int, warmup_epochs: int, telemetry: bool = False
+    method: Method, data: Data, batch_size: int, seed: int, epochs: int, warmup_epochs: int,
+    telemetry: bool = False,
 ) -> tuple[float, Telemetry | None]:
     """Train one model; returns its test accuracy and, if asked, the LARS telemetry."""
     torch.manual_seed(seed)
@@ -90,7 +91,9 @@ def train(
     peak_lr = method.base_lr * batch_size / BASE_BATCH
     sgd = torch.optim.SGD(model.named_parameters(), lr=peak_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     optimizer = (
-        LARS(sgd, coefficient=method.coefficient, use_clip=method.use_clip, telemetry=telemetry) if method.lars else sgd
+        LARS(sgd, coefficient=method.coefficient, use_clip=method.use_clip, telemetry=telemetry)
+        if method.lars
+        else sgd
     )
     n = len(data.x_train)
     steps_per_epoch = -(-n // batch_size)
@@ -128,13 +131,20 @@ def format_table(results: dict[str, dict[int, list[float]]], batch_sizes: list[i
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="SGD-momentum vs LARS at growing batch sizes with a linearly scaled lr, on sklearn's digits.",
+        description="SGD-momentum vs LARS at growing batch sizes with a linearly scaled lr, "
+        "on sklearn's digits.",
         epilog="example: python examples/large_batch_digits.py --quick --out /tmp/digits",
     )
-    parser.add_argument("--quick", action="store_true", help="reduced form for CI: 2 optimizers, 2 batch sizes, 1 seed")
-    parser.add_argument("--out", type=Path, default=Path("large_batch_digits_out"), help="output folder (created)")
+    parser.add_argument(
+        "--quick", action="store_true", help="reduced form for CI: 2 optimizers, 2 batch sizes, 1 seed"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("large_batch_digits_out"), help="output folder (created)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 10; 1 with --quick)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 30; 12 with --quick)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs per run (default 30; 12 with --quick)"
+    )
     parser.add_argument(
         "--batch-sizes",
         type=lambda s: [int(v) for v in s.split(",")],

@@ -1,9 +1,9 @@
 """LARS at large batch under data parallelism: large_batch_digits.py's training on several CPU processes.
 
-    torchrun --standalone --nproc_per_node=2 examples/large_batch_distributed.py               # FSDP2, 30 steps
+    torchrun --standalone --nproc_per_node=2 examples/large_batch_distributed.py        # FSDP2, 30 steps
     torchrun --standalone --nproc_per_node=2 examples/large_batch_distributed.py --wrap ddp
     torchrun --standalone --nproc_per_node=2 examples/large_batch_distributed.py --wrap ddp,fsdp2 --steps 3
-    python examples/large_batch_distributed.py                                                  # one process
+    python examples/large_batch_distributed.py                                           # one process
 
 The model, data, learning-rate rule and LARS settings are those of examples/large_batch_digits.py: an MLP
 (64-128-128-10) on scikit-learn's digits, every step one batch of the whole training split (1,437 images),
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import sys
 import time
@@ -41,13 +42,16 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=60)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--wrap", default="fsdp2", help="ddp, fsdp2, or both as ddp,fsdp2 (one after the other, in one launch)"
-    )
+    parser.add_argument("--wrap", default="fsdp2",
+                        help="ddp, fsdp2, or both as ddp,fsdp2 (one after the other, in one launch)")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
-    parser.add_argument("--batch-size", type=int, default=0, help="global batch (default 0: the whole training split)")
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="global batch (default 0: the whole training split)"
+    )
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--fused", action="store_true", help="LARS(fused=True): the step compiled by Inductor")
+    parser.add_argument(
+        "--fused", action="store_true", help="LARS(fused=True): the step compiled by Inductor"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.wrap = args.wrap.split(",")
@@ -59,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def wrap_model(model: nn.Module, wrap: str | None) -> nn.Module:
-    """``model`` for data parallelism: DDP, or FSDP2 with every Linear its own shard unit; as is in one process."""
+    """``model`` for data parallelism: DDP, or FSDP2 with every Linear its own shard unit; as is in one
+    process."""
     if wrap == "ddp":
         return nn.parallel.DistributedDataParallel(model)
     if wrap == "fsdp2":
@@ -103,7 +108,7 @@ def train(data: Data, wrap: str | None, args: argparse.Namespace, log) -> float:
     sgd = torch.optim.SGD(model.named_parameters(), lr=peak_lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     optimizer = LARS(sgd, coefficient=LARS_CLIP.coefficient, use_clip=LARS_CLIP.use_clip, fused=args.fused)
     x_train, x_test = data.x_train.to(dtype), data.x_test.to(dtype)
-    for step, batch in zip(range(args.steps), batches(n, batch_size, args.seed)):
+    for step, batch in enumerate(itertools.islice(batches(n, batch_size, args.seed), args.steps)):
         lr = peak_lr * min(1.0, (step + 1) / warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -45,7 +45,8 @@ def device_train(directory: Path, epochs: int, batch_size: int) -> None:
             scheduler.step()
         module.eval()
         test_loss = float(module(x_test, y_test))  # the eval model outputs the loss
-        print(f"epoch {epoch + 1}: train loss {np.mean(losses):.4f}, held-out loss {test_loss:.4f}, lr {optimizer.get_learning_rate():.4f}")
+        print(f"epoch {epoch + 1}: train loss {np.mean(losses):.4f}, held-out loss {test_loss:.4f}, "
+              f"lr {optimizer.get_learning_rate():.4f}")
     CheckpointState.save_checkpoint(state, directory / "trained_checkpoint")
 
 
@@ -74,14 +75,15 @@ def host_export(directory: Path) -> None:
     )
     base = torch.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
     optimizer = lars_fx.LARS(base, coefficient=0.02)
-    generate_artifacts(
-        model, (torch.from_numpy(x[:32]),), optimizer=optimizer, loss="cross_entropy", artifact_directory=directory
-    )
+    generate_artifacts(model, (torch.from_numpy(x[:32]),), optimizer=optimizer, loss="cross_entropy",
+                       artifact_directory=directory)
     print(f"exported {', '.join(sorted(p.name for p in directory.iterdir()))} to {directory}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", type=Path, help="artifact directory (default: a temporary one)")

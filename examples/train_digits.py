@@ -16,7 +16,9 @@ import lars_fx
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2.0)
@@ -35,7 +37,9 @@ def main() -> None:
     base = torch.optim.SGD(model.named_parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     optimizer = lars_fx.LARS(base, coefficient=args.coefficient, fused=args.fused)
     steps_per_epoch = -(-len(train) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=args.epochs * steps_per_epoch, power=2)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(
+        optimizer, total_iters=args.epochs * steps_per_epoch, power=2
+    )
 
     for epoch in range(args.epochs):
         total = 0.0

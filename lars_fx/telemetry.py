@@ -106,7 +106,8 @@ class Telemetry:
             given = group.get("param_names")
             position = {id(p): i for i, p in enumerate(group["params"])}
             names = tuple(
-                given[position[id(p)]] if given else f"param_groups[{group_index}][{position[id(p)]}]" for p in params
+                given[position[id(p)]] if given else f"param_groups[{group_index}][{position[id(p)]}]"
+                for p in params
             )
             self._names_cache[key] = names
         return names
@@ -135,16 +136,16 @@ class Telemetry:
         for indices in by_device.values():
             joined = torch.cat([self._entries[i].values.to(torch.float64) for i in indices], dim=1).cpu()
             widths = [self._entries[i].values.shape[1] for i in indices]
-            for i, part in zip(indices, joined.split(widths, dim=1)):
+            for i, part in zip(indices, joined.split(widths, dim=1), strict=True):
                 host[i] = part
         return host
 
     def to_records(self) -> list[dict[str, Any]]:
         """One dict per (step, parameter), ordered by step, then group, then position in the group."""
         records = []
-        for entry, values in zip(self._entries, self._host_values()):
-            for name, (w, g, t) in zip(entry.names, values.t().tolist()):
-                records.append(dict(zip(FIELDS, (entry.step, entry.group, name, w, g, t))))
+        for entry, values in zip(self._entries, self._host_values(), strict=True):
+            for name, (w, g, t) in zip(entry.names, values.t().tolist(), strict=True):
+                records.append(dict(zip(FIELDS, (entry.step, entry.group, name, w, g, t), strict=True)))
         return records
 
     def history(self) -> dict[str, LayerHistory]:
@@ -152,7 +153,7 @@ class Telemetry:
         columns: dict[str, list[list[float]]] = {}
         for record in self.to_records():
             column = columns.setdefault(record["param"], [[], [], [], []])
-            for values, field in zip(column, ("step", *_FLOAT_FIELDS)):
+            for values, field in zip(column, ("step", *_FLOAT_FIELDS), strict=True):
                 values.append(record[field])
         return {
             name: LayerHistory(
@@ -187,7 +188,8 @@ def write_records(records: list[dict[str, Any]], path: str | Path, fmt: str) -> 
             for record in records:
                 writer.writerow({**record, **{f: repr(float(record[f])) for f in _FLOAT_FIELDS}})
     elif fmt == "json":
-        # NaN/inf (a diverging run) are written as JSON's non-standard NaN/Infinity, as Python and pandas read them.
+        # NaN/inf (a diverging run) are written as JSON's non-standard NaN/Infinity, as Python and pandas read
+        # them.
         path.write_text(json.dumps([{f: record[f] for f in FIELDS} for record in records], indent=1))
     else:
         raise ValueError(f"format must be 'csv' or 'json', got {fmt!r}")

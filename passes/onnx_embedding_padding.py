@@ -45,7 +45,9 @@ def _padding_marker(indices: ir.Value | None) -> tuple[int, ir.Value] | None:
     if where is None or (where.domain, where.op_type) != ("", "Where"):
         return None
     condition, then, otherwise = where.inputs
-    equal = condition.producer() if condition is not None else None
+    if condition is None:
+        return None
+    equal = condition.producer()
     if equal is None or (equal.domain, equal.op_type) != ("", "Equal"):
         return None
     compared, row = equal.inputs
@@ -58,20 +60,22 @@ def _padding_marker(indices: ir.Value | None) -> tuple[int, ir.Value] | None:
     return p, condition
 
 
-def padded_lookups(graph: ir.Graph) -> dict[str, list[tuple[ir.Node, int | None, ir.Value | None]]]:
+def padded_lookups(graph: ir.Graph) -> dict[str, list[tuple[ir.Node, tuple[int, ir.Value] | None]]]:
     """Each graph input's ``GatherGrad`` nodes (those reading its ``Shape``), by name, with the padding
-    row and the ``Equal(i, p)`` mask of the marked ones (None, None for unmarked lookups)."""
-    found: dict[str, list[tuple[ir.Node, int | None, ir.Value | None]]] = {}
+    row and the ``Equal(i, p)`` mask of the marked ones (None for unmarked lookups)."""
+    found: dict[str, list[tuple[ir.Node, tuple[int, ir.Value] | None]]] = {}
     for node in graph:
-        if (node.domain, node.op_type) != GATHER_GRAD or len(node.inputs) != 3 or node.inputs[0] is None:
+        if (node.domain, node.op_type) != GATHER_GRAD or len(node.inputs) != 3:
             continue
-        shape = node.inputs[0].producer()
+        shape_input, _, gradient = node.inputs
+        if shape_input is None or gradient is None:
+            continue
+        shape = shape_input.producer()
         if shape is None or (shape.domain, shape.op_type) != ("", "Shape") or shape.inputs[0] is None:
             continue
         weight = shape.inputs[0]
-        if weight.is_graph_input():
-            row, mask = _padding_marker(node.inputs[1]) or (None, None)
-            found.setdefault(weight.name, []).append((node, row, mask))
+        if weight.is_graph_input() and weight.name is not None:
+            found.setdefault(weight.name, []).append((node, _padding_marker(node.inputs[1])))
     return found
 
 
@@ -88,21 +92,30 @@ class EmbeddingPaddingPass(ir.passes.InPlacePass):
         if not self.padding:
             return
         if model.graph.opset_imports.get("", 0) < 13:
-            raise ir.passes.PreconditionError("the padding rule needs opset >= 13 (Unsqueeze with an axes input)")
+            raise ir.passes.PreconditionError(
+                "the padding rule needs opset >= 13 (Unsqueeze with an axes input)"
+            )
         lookups = padded_lookups(model.graph)
+        dtypes = {v.name: v.dtype for v in model.graph.inputs}
         for name, rows in self.padding.items():
-            marked = [(node, row) for node, row, _ in lookups.get(name, []) if row is not None]
+            marked = [(node, marker[0]) for node, marker in lookups.get(name, []) if marker is not None]
             if not marked:
                 raise ir.passes.PreconditionError(
-                    f"no marked embedding lookup of {name!r} in the training graph: its padding_idx {sorted(rows)} "
-                    "cannot be applied (was the model exported by lars_fx.onnx.generate_artifacts?)"
+                    f"no marked embedding lookup of {name!r} in the training graph: its padding_idx "
+                    f"{sorted(rows)} cannot be applied (was the model exported by "
+                    "lars_fx.onnx.generate_artifacts?)"
+                )
+            if dtypes[name] is None:
+                raise ir.passes.PreconditionError(
+                    f"the training graph's input {name!r} has no element type: the padding rule needs the "
+                    "weight's dtype"
                 )
             for node, row in marked:
                 if row not in rows or node.attributes.get_int("axis", 0) != 0:
                     raise ir.passes.PreconditionError(
                         f"GatherGrad {node.name!r} of {name!r} (padding row {row}, axis "
-                        f"{node.attributes.get_int('axis', 0)}) is not one of its embedding lookups with padding_idx "
-                        f"{sorted(rows)}"
+                        f"{node.attributes.get_int('axis', 0)}) is not one of its embedding lookups with "
+                        f"padding_idx {sorted(rows)}"
                     )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -111,8 +124,8 @@ class EmbeddingPaddingPass(ir.passes.InPlacePass):
         if self.padding is None:
             if looked_up := sorted(lookups):
                 warnings.warn(
-                    f"parameters {looked_up} are looked up by Gather (embeddings): if one has padding_idx, ONNX "
-                    "Runtime trains its padding row, which torch leaves alone. Export with "
+                    f"parameters {looked_up} are looked up by Gather (embeddings): if one has padding_idx, "
+                    "ONNX Runtime trains its padding row, which torch leaves alone. Export with "
                     "lars_fx.onnx.generate_artifacts, which keeps the padding rule",
                     stacklevel=2,
                 )
@@ -120,16 +133,21 @@ class EmbeddingPaddingPass(ir.passes.InPlacePass):
         dtypes = {v.name: v.dtype for v in graph.inputs}
         modified = False
         for name in self.padding:
-            for index, (node, row, mask) in enumerate(lookups[name]):
-                if row is not None:
-                    _mask_padding(graph, node, mask, dtypes[name], f"{name}.padding_idx.{index}")
+            dtype = dtypes[name]
+            assert dtype is not None  # requires() checked it
+            for index, (node, marker) in enumerate(lookups[name]):
+                if marker is not None:
+                    _mask_padding(graph, node, marker[1], dtype, f"{name}.padding_idx.{index}")
                     modified = True
         return ir.passes.PassResult(model, modified)
 
 
-def _mask_padding(graph: ir.Graph, node: ir.Node, is_padding: ir.Value, dtype: ir.DataType, prefix: str) -> None:
+def _mask_padding(
+    graph: ir.Graph, node: ir.Node, is_padding: ir.Value, dtype: ir.DataType, prefix: str
+) -> None:
     """``dY`` of ``node`` (a GatherGrad) zeroed where ``is_padding``; ``dtype``: the weight's (and dY's)."""
     gradient = node.inputs[2]
+    assert gradient is not None  # padded_lookups takes only GatherGrads with all three inputs
     zero = _initializer(graph, f"{prefix}.zero", np.array(0, dtype=dtype.numpy()))
     axes = _initializer(graph, f"{prefix}.axes", np.array([-1], dtype=np.int64))
     tape = ir.tape.Tape()

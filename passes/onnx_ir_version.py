@@ -16,7 +16,9 @@ import onnx_ir as ir
 __all__ = ["IrVersionPass"]
 
 # Data types introduced after IR 10; a model that uses them cannot be stamped IR 10.
-_POST_IR10_TYPES = {name for name in ("FLOAT4E2M1", "FLOAT8E8M0", "INT2", "UINT2") if hasattr(ir.DataType, name)}
+_POST_IR10_TYPES = {
+    name for name in ("FLOAT4E2M1", "FLOAT8E8M0", "INT2", "UINT2") if hasattr(ir.DataType, name)
+}
 
 
 class IrVersionPass(ir.passes.InPlacePass):
@@ -36,7 +38,9 @@ class IrVersionPass(ir.passes.InPlacePass):
             )
         used = {v.dtype.name for v in _values(model.graph) if v.dtype is not None}
         if newer := sorted(used & _POST_IR10_TYPES):
-            raise ir.passes.PreconditionError(f"data types {newer} need an IR version above {self.max_ir_version}")
+            raise ir.passes.PreconditionError(
+                f"data types {newer} need an IR version above {self.max_ir_version}"
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if model.ir_version <= self.max_ir_version:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
 import torch
+from torch import Tensor
 
 from lars_fx.functional import trust_ratio
 
@@ -91,7 +92,9 @@ class _Symbol:
             return other.value
         if isinstance(other, (int, float)) and not isinstance(other, bool):
             return self._constants(other)
-        raise TypeError(f"emit_trust_ratio: cannot translate operand {other!r} of type {type(other).__name__} to ONNX")
+        raise TypeError(
+            f"emit_trust_ratio: cannot translate operand {other!r} of type {type(other).__name__} to ONNX"
+        )
 
     def _op(self, op_type: str, *inputs: ir.Value) -> _Symbol:
         return _Symbol(self._tape.op(op_type, list(inputs)), self._tape, self._constants)
@@ -132,17 +135,21 @@ class _Symbol:
     __hash__ = object.__hash__
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         symbol = next(a for a in (*args, *kwargs.values()) if isinstance(a, _Symbol))
         if func in (torch.ones_like, torch.zeros_like) and len(args) == 1 and not kwargs:
-            return _Symbol(symbol._constants(1.0 if func is torch.ones_like else 0.0), symbol._tape, symbol._constants)
+            return _Symbol(
+                symbol._constants(1.0 if func is torch.ones_like else 0.0), symbol._tape, symbol._constants
+            )
         if func is torch.where and len(args) == 3 and not kwargs:
             condition, a, b = (symbol._lift(x) for x in args)
             return symbol._op("Where", condition, a, b)
         if func is torch.clamp and not kwargs and len(args) == 3:
             x, low, high = args
-            return symbol._op("Min", symbol._op("Max", symbol._lift(x), symbol._lift(low)).value, symbol._lift(high))
+            return symbol._op(
+                "Min", symbol._op("Max", symbol._lift(x), symbol._lift(low)).value, symbol._lift(high)
+            )
         raise TypeError(f"emit_trust_ratio: no ONNX translation for {getattr(func, '__name__', func)}")
 
 
@@ -154,8 +161,9 @@ def emit_trust_ratio(
     **options: Any,
 ) -> ir.Value:
     """Record ``lars_fx.functional.trust_ratio(w_norm, g_norm, **options)`` as ONNX nodes on ``tape``."""
-    result = trust_ratio(_Symbol(w_norm, tape, constants), _Symbol(g_norm, tape, constants), **options)
-    return result.value
+    # _Symbol stands in for the tensors: its operators and __torch_function__ record the ONNX nodes
+    w, g = (cast(Tensor, _Symbol(norm, tape, constants)) for norm in (w_norm, g_norm))
+    return cast(_Symbol, trust_ratio(w, g, **options)).value
 
 
 class LarsGradientsPass(ir.passes.InPlacePass):
@@ -185,14 +193,16 @@ class LarsGradientsPass(ir.passes.InPlacePass):
             buffer = node.inputs[0]
             if buffer is None or buffer.name is None or not buffer.name.endswith(BUFFER_SUFFIX):
                 raise ir.passes.PreconditionError(
-                    f"gradient accumulator {node.name!r} does not read a buffer named '<param>{BUFFER_SUFFIX}'; "
-                    "the training graph must come from onnxruntime.training's generate_artifacts"
+                    f"gradient accumulator {node.name!r} does not read a buffer named "
+                    f"'<param>{BUFFER_SUFFIX}'; the training graph must come from onnxruntime.training's "
+                    "generate_artifacts"
                 )
             name = buffer.name[: -len(BUFFER_SUFFIX)]
             gradient = node.inputs[1]
             if gradient is not None and gradient.name == f"{name}{UPDATE_SUFFIX}":
                 raise ir.passes.PreconditionError(
-                    f"the gradient of {name!r} already goes through LARS: these artifacts were converted before"
+                    f"the gradient of {name!r} already goes through LARS: these artifacts were converted "
+                    "before"
                 )
             if name in found:
                 raise ir.passes.PreconditionError(f"parameter {name!r} has two gradient accumulators")
@@ -217,7 +227,9 @@ class LarsGradientsPass(ir.passes.InPlacePass):
             if value is None:
                 raise ir.passes.PreconditionError(f"parameter {name!r} is not an input of the training graph")
             if value.shape is None or not value.shape.is_static():
-                raise ir.passes.PreconditionError(f"parameter {name!r} has no static shape in the training graph")
+                raise ir.passes.PreconditionError(
+                    f"parameter {name!r} has no static shape in the training graph"
+                )
             if value.dtype != ir.DataType.FLOAT:
                 raise ir.passes.PreconditionError(
                     f"parameter {name!r} is {value.dtype}; the LARS export supports float32 parameters only"
@@ -242,24 +254,35 @@ class LarsGradientsPass(ir.passes.InPlacePass):
             weights = {n: tape.op("Reshape", [inputs[n], row]) for n in lars}
             gradients = {n: tape.op("Reshape", [accumulators[n].inputs[1], row]) for n in lars}
             norms = [
-                tape.op("Concat", [tape.op("ReduceL2", [rows[n]], attributes={"keepdims": 1}) for n in lars], attributes={"axis": 0})
+                tape.op("Concat", [tape.op("ReduceL2", [rows[n]], attributes={"keepdims": 1}) for n in lars],
+                        attributes={"axis": 0})
                 for rows in (weights, gradients)
             ]
             rules = [self.rules[n] for n in lars]
             decay = constants.array(np.array([[r.weight_decay] for r in rules], dtype=np.float32))
-            coeff = emit_trust_ratio(tape, constants, *norms, weight_decay=_Symbol(decay, tape, constants), **self.trust_options)
+            w_norm, g_norm = norms
+            coeff = emit_trust_ratio(
+                tape, constants, w_norm, g_norm, weight_decay=_Symbol(decay, tape, constants),
+                **self.trust_options,
+            )
             g_scale = np.array([[-r.scale if r.maximize else r.scale] for r in rules], dtype=np.float32)
             w_scale = np.array([[r.scale * r.weight_decay] for r in rules], dtype=np.float32)
             opset = graph.opset_imports.get("", 0)
-            g_factors = _split(tape, constants, tape.op("Mul", [coeff, constants.array(g_scale)]), len(lars), opset)
-            w_factors = _split(tape, constants, tape.op("Mul", [coeff, constants.array(w_scale)]), len(lars), opset)
+            g_factors = _split(
+                tape, constants, tape.op("Mul", [coeff, constants.array(g_scale)]), len(lars), opset
+            )
+            w_factors = _split(
+                tape, constants, tape.op("Mul", [coeff, constants.array(w_scale)]), len(lars), opset
+            )
             for index, name in enumerate(lars):
                 # scale * coeff * (±G + wd*w) on [1, n] row views: one Mul, and one rank-1 Gemm that
                 # adds the weight term in the same pass (Mul + Add would take two passes).
                 update = tape.op("Mul", [gradients[name], g_factors[index]])
                 if rules[index].weight_decay != 0:
                     update = tape.op("Gemm", [w_factors[index], weights[name], update])
-                updates[name] = tape.op("Reshape", [update, constants.shape(inputs[name].shape.numpy())])
+                shape = inputs[name].shape
+                assert shape is not None  # requires() checked that it is static
+                updates[name] = tape.op("Reshape", [update, constants.shape(shape.numpy())])
         for name in accumulators:
             rule = self.rules[name]
             if not rule.lars and (rule.scale != 1.0 or rule.maximize):
@@ -277,12 +300,16 @@ class LarsGradientsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-def _split(tape: ir.tape.Tape, constants: _Constants, vector: ir.Value, count: int, opset: int) -> Sequence[ir.Value]:
+def _split(
+    tape: ir.tape.Tape, constants: _Constants, vector: ir.Value, count: int, opset: int
+) -> Sequence[ir.Value]:
     """A [count, 1] vector as count [1, 1] values (a Gemm's A input, a broadcast multiplier)."""
     if count == 1:
         return [vector]
     # Split's sizes: an attribute before opset 13, an input from 13 on (required from 18, or num_outputs).
     if opset < 13:
-        return tape.op_multi_out("Split", [vector], attributes={"axis": 0, "split": [1] * count}, num_outputs=count)
+        return tape.op_multi_out(
+            "Split", [vector], attributes={"axis": 0, "split": [1] * count}, num_outputs=count
+        )
     sizes = constants.array(np.ones(count, dtype=np.int64))
     return tape.op_multi_out("Split", [vector, sizes], attributes={"axis": 0}, num_outputs=count)

@@ -39,9 +39,9 @@ class MomentumOptimizerPass(ir.passes.InPlacePass):
         if len(nodes) != 1 or (nodes[0].domain, nodes[0].op_type) not in {(DOMAIN, op) for op in OPTIMIZERS}:
             found = [f"{n.domain or 'ai.onnx'}.{n.op_type}" for n in nodes]
             raise ir.passes.PreconditionError(
-                f"the optimizer graph must hold exactly one {DOMAIN} SGDOptimizerV2 or AdamWOptimizer node and nothing "
-                f"else, found {found}; generate it with onnxruntime.training's OptimType.SGD or OptimType.AdamW "
-                "and no clip_grad"
+                f"the optimizer graph must hold exactly one {DOMAIN} SGDOptimizerV2 or AdamWOptimizer node "
+                f"and nothing else, found {found}; generate it with onnxruntime.training's OptimType.SGD or "
+                "OptimType.AdamW and no clip_grad"
             )
         names = [v.name for v in model.graph.inputs]
         if names[:5] != ["learning_rate", "step", "params", "gradients", "first_order_moments"]:
@@ -72,10 +72,10 @@ class MomentumOptimizerPass(ir.passes.InPlacePass):
                 "correct_bias": 0,
                 "adam_mode": 1,
             }
-        new = ir.Node(
-            DOMAIN, op_type, node_inputs, ir.convenience.convert_attributes(attributes), num_outputs=1, name=op_type
-        )
-        new.outputs[0].dtype = flag.dtype  # no shape: ORT infers a scalar flag where onnxblock declared [1]
+        new = ir.Node(DOMAIN, op_type, node_inputs, ir.convenience.convert_attributes(attributes),
+                      num_outputs=1, name=op_type)
+        if flag.dtype is not None:  # no shape: ORT infers a scalar flag where onnxblock declared [1]
+            new.outputs[0].dtype = flag.dtype
         graph.insert_after(old, new)
         flag_name = flag.name
         ir.convenience.replace_all_uses_with(flag, new.outputs[0], replace_graph_outputs=True)

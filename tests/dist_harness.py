@@ -5,7 +5,8 @@ after ``init_process_group("gloo", timeout <= 60 s)`` and returns the ranks' ret
 A rank that raises, exits without a result, or a run that outlives ``bound_s`` makes it raise
 ``DistributedRunError`` quickly (not after the process group's timeout) with every rank's traceback:
 the failing rank's exception, and where the other ranks were stuck (their Python stacks, dumped by
-``faulthandler`` on SIGUSR1 before they are killed). ``run_bounded`` runs a launcher command under the same kind of bound.
+``faulthandler`` on SIGUSR1 before they are killed). ``run_bounded`` runs a launcher command under the same
+kind of bound.
 
 Why subprocesses started here rather than ``torch.multiprocessing.spawn`` or ``torchrun --standalone``:
 each rank leads its own process session, so a kill also reaches what the rank started (Inductor's compile
@@ -35,9 +36,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from collections.abc import Callable
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -83,9 +84,8 @@ def run_on_ranks(
             torch.save(payload, run_dir / "payload.pt")
         except (pickle.PicklingError, AttributeError, TypeError) as error:
             raise ValueError(f"the function and arguments for the ranks must pickle: {error}") from error
-        store = dist.TCPStore(
-            "127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False, timeout=PROCESS_GROUP_TIMEOUT
-        )
+        store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False,
+                              timeout=PROCESS_GROUP_TIMEOUT)
         ranks: list[_Rank] = []
         try:
             for rank in range(world_size):
@@ -151,7 +151,8 @@ class _Rank:
         if self.process.returncode is None:
             self.killed = self.killed or self.running()
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)  # the rank leads its own session: its children too
+                # the rank leads its own session: its children too
+                os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.process.wait()
@@ -254,10 +255,11 @@ def _rank_main(run_dir: Path, rank: int) -> None:
         import torch.distributed as dist
 
         world_size = int(os.environ["WORLD_SIZE"])
-        store = dist.TCPStore(
-            "127.0.0.1", int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=PROCESS_GROUP_TIMEOUT
+        store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                              timeout=PROCESS_GROUP_TIMEOUT)
+        dist.init_process_group(
+            "gloo", store=store, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT
         )
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=PROCESS_GROUP_TIMEOUT)
         result = payload["fn"](*payload["args"], **payload["kwargs"])
         partial = run_dir / f"result_{rank}.pt.partial"
         torch.save(result, partial)
@@ -281,10 +283,11 @@ def mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> Any:
 
 
 # The dispatcher ops of c10d, one per collective whatever issues it: eager torch.distributed calls
-# (``c10d::allreduce_``), functional collectives (``_c10d_functional::all_reduce`` calls ``c10d::allreduce_``),
-# and the functional collectives Inductor compiles in (``_c10d_functional::all_reduce_`` too). The backend
-# records the same collective once more (``gloo:all_reduce``); counting both would count it twice, and gloo
-# implements a reduce-scatter as ``gloo:all_reduce``, so only the c10d ops are counted, named by kind.
+# (``c10d::allreduce_``), functional collectives (``_c10d_functional::all_reduce`` calls
+# ``c10d::allreduce_``), and the functional collectives Inductor compiles in
+# (``_c10d_functional::all_reduce_`` too). The backend records the same collective once more
+# (``gloo:all_reduce``); counting both would count it twice, and gloo implements a reduce-scatter as
+# ``gloo:all_reduce``, so only the c10d ops are counted, named by kind.
 C10D_KINDS = {
     "c10d::allreduce_": "all_reduce",
     "c10d::allreduce_coalesced_": "all_reduce",
@@ -319,7 +322,9 @@ def count_collectives(fn: Callable[[], Any]) -> tuple[Any, collections.Counter]:
     names = [event.name for event in prof.events()]
     unknown = sorted({n for n in names if n.startswith("c10d::") and n not in C10D_KINDS})
     if unknown:
-        raise AssertionError(f"count_collectives does not know the c10d ops {unknown}: add them to C10D_KINDS")
+        raise AssertionError(
+            f"count_collectives does not know the c10d ops {unknown}: add them to C10D_KINDS"
+        )
     counts = collections.Counter(C10D_KINDS[n] for n in names if n in C10D_KINDS)
     import torch.distributed as dist
 
@@ -327,8 +332,8 @@ def count_collectives(fn: Callable[[], Any]) -> tuple[Any, collections.Counter]:
         gloo_events = sum(n.startswith("gloo:") for n in names)
         if gloo_events != sum(counts.values()):
             raise AssertionError(
-                f"the profiler recorded {sum(counts.values())} c10d collectives {dict(counts)} but {gloo_events} gloo "
-                f"events: {[n for n in names if n.startswith(('c10d::', 'gloo:'))]}"
+                f"the profiler recorded {sum(counts.values())} c10d collectives {dict(counts)} but "
+                f"{gloo_events} gloo events: {[n for n in names if n.startswith(('c10d::', 'gloo:'))]}"
             )
     return result, counts
 
@@ -340,15 +345,17 @@ if __name__ == "__main__":
 def run_bounded(
     command: list[str], bound_s: float, *, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """``command`` (a launcher such as torchrun, or a script that spawns its ranks) in a process session of its
-    own, so that past ``bound_s`` seconds it is killed with everything it started; raises with its output then."""
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    """``command`` (a launcher such as torchrun, or a script that spawns its ranks) in a process session of
+    its own, so that past ``bound_s`` seconds it is killed with everything it started; raises with its output
+    then."""
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=bound_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        raise AssertionError(f"{command} outlived {bound_s} s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
+        raise AssertionError(
+            f"{command} outlived {bound_s} s\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}"
+        ) from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

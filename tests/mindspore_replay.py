@@ -7,8 +7,9 @@ each of 6 steps; a replay trains the same model from the same start and checks e
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -67,7 +68,10 @@ def param_groups(model: MLP, scenario: dict[str, Any]) -> list[dict[str, Any]]:
     return groups
 
 
-def run(name: str, scenario: dict[str, Any], model: MLP, step: Callable[[], Any], before_step: Callable[[int], None]) -> None:
+def run(
+    name: str, scenario: dict[str, Any], model: MLP, step: Callable[[], Any],
+    before_step: Callable[[int], None],
+) -> None:
     """Trains ``model`` on the scenario's data with ``step``; every step must match MindSpore's."""
     for index, record in enumerate(scenario["steps"]):
         before_step(index)
@@ -81,7 +85,7 @@ def run(name: str, scenario: dict[str, Any], model: MLP, step: Callable[[], Any]
                 torch.tensor(record["params_after"][n]),
                 rtol=2e-4,
                 atol=1e-6,
-                msg=lambda m: f"{name}, step {record['step']}, {n}: {m}",
+                msg=lambda m, s=record["step"], n=n: f"{name}, step {s}, {n}: {m}",
             )
 
 
@@ -93,13 +97,15 @@ def replay_lars(name: str, compile_step: bool = False, **lars_options: Any) -> M
     base = torch.optim.SGD(param_groups(model, scenario), lr=lrs[0], momentum=hp["momentum"])
     if name in CUSTOM_FILTERS:
         lars_options["lars_filter"] = CUSTOM_FILTERS[name]
-    opt = lars_fx.LARS(base, epsilon=hp["epsilon"], coefficient=hp["coefficient"], use_clip=hp["use_clip"], **lars_options)
+    opt = lars_fx.LARS(
+        base, epsilon=hp["epsilon"], coefficient=hp["coefficient"], use_clip=hp["use_clip"], **lars_options
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lrs[min(t, len(lrs) - 1)] / lrs[0])
 
     decisions = {
         n: flag
         for group_index, group in enumerate(opt.param_groups)
-        for n, flag in zip(group["param_names"], opt.lars_mask(group_index))
+        for n, flag in zip(group["param_names"], opt.lars_mask(group_index), strict=True)
     }
     assert decisions == {n: scenario["per_param"][n]["lars_flag"] for n in decisions}
 

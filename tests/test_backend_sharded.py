@@ -1,11 +1,11 @@
 """``torch.compile(sgd.step, backend="lars_fx")`` over sharded (DTensor) parameters on 2 gloo ranks.
 
-One spawn (``dist_harness.run_on_ranks``) runs FSDP2 (an uneven layer, two param groups) and tensor parallelism
-with plain parameters beside DTensors (over ``SGD(foreach=False)``: torch's foreach SGD cannot take a mixed
-plain/DTensor list), FSDP2 with gradients placed unlike their parameters (LARS redistributes them, the backend
-refuses them), and returns per rank the full parameters after each step, the all-reduces of each step
-(``torch.profiler``) and the type of the momentum buffers; the tests compare them with the single-process
-full-batch float64 run of ``lars_fx.LARS(..., foreach=False)``.
+One spawn (``dist_harness.run_on_ranks``) runs FSDP2 (an uneven layer, two param groups) and tensor
+parallelism with plain parameters beside DTensors (over ``SGD(foreach=False)``: torch's foreach SGD cannot
+take a mixed plain/DTensor list), FSDP2 with gradients placed unlike their parameters (LARS redistributes
+them, the backend refuses them), and returns per rank the full parameters after each step, the all-reduces of
+each step (``torch.profiler``) and the type of the momentum buffers; the tests compare them with the
+single-process full-batch float64 run of ``lars_fx.LARS(..., foreach=False)``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import torch
-from dist_harness import count_collectives, run_on_ranks
 from torch import nn
 
 import lars_fx
+from dist_harness import count_collectives, run_on_ranks
 
 WORLD_SIZE = 2
 STEPS = 5
@@ -89,15 +89,17 @@ def _run(layout: str) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     buffer_types = {
-        name: tuple("DTensor" if isinstance(t, DTensor) else "plain" for t in (p, sgd.state[p]["momentum_buffer"]))
+        name: tuple(
+            "DTensor" if isinstance(t, DTensor) else "plain" for t in (p, sgd.state[p]["momentum_buffer"])
+        )
         for name, p in model.named_parameters()
     }
     return {"trajectory": trajectory, "all_reduces": all_reduces, "buffer_types": buffer_types}
 
 
 def _replicated_gradients() -> dict[str, Any]:
-    """FSDP2 parameters whose gradients are Replicate DTensors (placed unlike them): LARS redistributes them to the
-    parameters' Shard(0) before it steps; the backend refuses them."""
+    """FSDP2 parameters whose gradients are Replicate DTensors (placed unlike them): LARS redistributes them
+    to the parameters' Shard(0) before it steps; the backend refuses them."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -151,7 +153,9 @@ def _results() -> list[dict[str, Any]]:
 def _reference() -> list[list[torch.Tensor]]:
     torch.manual_seed(0)
     model = _Net()
-    opt = lars_fx.LARS(torch.optim.SGD(_groups(model), lr=0.1, momentum=0.9), coefficient=COEFFICIENT, foreach=False)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(_groups(model), lr=0.1, momentum=0.9), coefficient=COEFFICIENT, foreach=False
+    )
     x, y = _data()
     trajectory = []
     for _ in range(STEPS):
@@ -180,12 +184,16 @@ def test_backend_over_dtensors_issues_one_all_reduce_per_step(layout: str) -> No
 def test_backend_momentum_buffers_stay_placed_as_their_parameters(layout: str) -> None:
     for rank_result in _results():
         for name, (param_type, buffer_type) in rank_result[layout]["buffer_types"].items():
-            assert buffer_type == param_type, f"{name}: a {param_type} parameter with a {buffer_type} momentum buffer"
+            assert buffer_type == param_type, (
+                f"{name}: a {param_type} parameter with a {buffer_type} momentum buffer"
+            )
 
 
 def test_lars_redistributes_gradients_placed_unlike_their_parameters() -> None:
     for rank_result in _results():
-        for step, (got, want) in enumerate(zip(rank_result["replicated_gradients"]["trajectory"], _reference())):
+        for step, (got, want) in enumerate(
+            zip(rank_result["replicated_gradients"]["trajectory"], _reference(), strict=True)
+        ):
             for g, w in zip(got, want, strict=True):
                 torch.testing.assert_close(g, w, **TOLERANCE, msg=f"step {step}")
 

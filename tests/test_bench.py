@@ -81,7 +81,9 @@ def test_failing_peer_is_a_row_note(monkeypatch: pytest.MonkeyPatch, warmup: int
     def broken_step() -> None:
         raise RuntimeError("capture failed\nsecond line")
 
-    monkeypatch.setitem(bench.PEERS, "sgd_foreach", bench.Peer("sgd_foreach", "broken", lambda n: broken_step))
+    monkeypatch.setitem(
+        bench.PEERS, "sgd_foreach", bench.Peer("sgd_foreach", "broken", lambda n: broken_step)
+    )
     report = run_benchmark(
         "tiny", "cpu", peers=["sgd_foreach", "lars_foreach"], warmup=warmup, iters=2, shapes=TINY
     )
@@ -100,9 +102,13 @@ def test_ratios_and_compile_time(monkeypatch: pytest.MonkeyPatch) -> None:
         bench.PEERS, "sgd_compiled", bench.Peer("sgd_compiled", "SGD", lambda n: bench._sgd(n).step, True)
     )
     monkeypatch.setitem(
-        bench.PEERS, "lars_fused", bench.Peer("lars_fused", "LARS", lambda n: bench.LARS(bench._sgd(n)).step, True)
+        bench.PEERS,
+        "lars_fused",
+        bench.Peer("lars_fused", "LARS", lambda n: bench.LARS(bench._sgd(n)).step, True),
     )
-    report = run_benchmark("tiny", "cpu", peers=["lars_fused", "sgd_compiled"], warmup=2, iters=2, shapes=TINY)
+    report = run_benchmark(
+        "tiny", "cpu", peers=["lars_fused", "sgd_compiled"], warmup=2, iters=2, shapes=TINY
+    )
     fused, sgd = report.rows
     assert fused.vs_fused_lars == pytest.approx(1.0) and sgd.vs_compiled_sgd == pytest.approx(1.0)
     assert fused.vs_compiled_sgd == pytest.approx(fused.median_ms / sgd.median_ms)
@@ -132,16 +138,22 @@ def test_each_peer_steps_parameters_of_its_own(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setitem(bench.PEERS, "sgd_foreach", bench.Peer("sgd_foreach", "a", recording("a")))
     monkeypatch.setitem(bench.PEERS, "lars_foreach", bench.Peer("lars_foreach", "b", recording("b")))
-    monkeypatch.setitem(bench.PEERS, "timm_eager", bench.Peer("timm_eager", "c", recording("c"), writes_grads=True))
-    run_benchmark("tiny", "cpu", peers=["sgd_foreach", "lars_foreach", "timm_eager"], warmup=1, iters=1, shapes=TINY)
-    for (pa, wa, ga), (pb, wb, gb), (pc, wc, gc) in zip(seen["a"], seen["b"], seen["c"]):
+    monkeypatch.setitem(
+        bench.PEERS, "timm_eager", bench.Peer("timm_eager", "c", recording("c"), writes_grads=True)
+    )
+    run_benchmark(
+        "tiny", "cpu", peers=["sgd_foreach", "lars_foreach", "timm_eager"], warmup=1, iters=1, shapes=TINY
+    )
+    for (pa, wa, ga), (pb, wb, gb), (pc, wc, gc) in zip(seen["a"], seen["b"], seen["c"], strict=True):
         assert pa is not pb and pa is not pc
         assert torch.equal(wa, wb) and torch.equal(wa, wc)  # the same starting weights
         assert ga is gb and gc is not ga  # gradients shared, except by a peer that scales them in place
 
 
 def test_a_spread_wider_than_the_median_is_called_out() -> None:
-    report = run_benchmark("tiny", "cpu", peers=["sgd_foreach", "lars_foreach"], warmup=1, iters=2, shapes=TINY)
+    report = run_benchmark(
+        "tiny", "cpu", peers=["sgd_foreach", "lars_foreach"], warmup=1, iters=2, shapes=TINY
+    )
     for row in report.rows:
         row.iqr_ms = 0.0
     quiet = format_markdown(report)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from dist_harness import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +43,9 @@ def test_reduced_benchmark_writes_its_table(tmp_path: Path) -> None:
     assert "- shapes: 6 fp32 tensors (4 under LARS's default filter)" in table
     rows = {cells[0]: cells for cells in table_rows(table)}
     assert len(rows) == len(ROWS)
-    by_key = dict(zip(ROWS, rows.values()))
-    for key, (label, median, iqr, compile_s, vs_floor, all_reduces, others, weight_diff, note) in by_key.items():
+    by_key = dict(zip(ROWS, rows.values(), strict=True))
+    for key, row in by_key.items():
+        _, median, iqr, compile_s, vs_floor, _, others, _, note = row
         assert note == "", (key, note)
         assert float(median) > 0 and float(iqr) >= 0 and compile_s == "" and vs_floor.endswith("×"), key
         assert others == "0", key  # FSDP2 steps issue no all-gather or reduce-scatter
@@ -52,7 +54,8 @@ def test_reduced_benchmark_writes_its_table(tmp_path: Path) -> None:
     def all_reduces(key: str) -> int:
         return int(by_key[key][5])
 
-    # Nothing to reduce on local shards or in SGD; the LARS norms of sharded tensors need at least one all-reduce.
+    # Nothing to reduce on local shards or in SGD; the LARS norms of sharded tensors need at least one
+    # all-reduce.
     assert all_reduces("local_no_collective") == all_reduces("sgd_local") == all_reduces("sgd_dtensor") == 0
     assert all_reduces("lars_eager") >= 1 and all_reduces("dtensor_functional") >= 1
 
@@ -68,7 +71,8 @@ def test_unknown_row_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch:
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    assert bench.parse_args(["--rows", "sgd_local,lars_eager"]).rows == ["lars_eager", "sgd_local"]  # table order
+    # in table order
+    assert bench.parse_args(["--rows", "sgd_local,lars_eager"]).rows == ["lars_eager", "sgd_local"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--rows", "lars_eager,nope"])
     assert "unknown rows ['nope']" in capsys.readouterr().err

@@ -9,7 +9,8 @@ item 1). Each case compiles the step at most twice: once with the first values, 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -38,7 +39,9 @@ class Run:
                  scheduler: Callable[[lars_fx.LARS], Any] | None = None) -> None:
         torch.manual_seed(seed)
         self.model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-        self.lars = lars_fx.LARS(torch.optim.SGD(self.model.named_parameters(), **sgd_options), **lars_options)
+        self.lars = lars_fx.LARS(
+            torch.optim.SGD(self.model.named_parameters(), **sgd_options), **lars_options
+        )
         self.scheduler = scheduler(self.lars) if scheduler is not None else None
         self.counter = CompileCounterWithBackend("inductor")
         self.compiled_step = torch.compile(self.lars.step, backend=self.counter)
@@ -54,7 +57,7 @@ class Run:
         for key in self.seen:
             self.seen[key].add(float(group[key]))
         grads = [torch.randn(p.shape, generator=self.generator) for p in self.model.parameters()]
-        for p, g in zip(self.model.parameters(), grads):
+        for p, g in zip(self.model.parameters(), grads, strict=True):
             p.grad = g.clone()
         self.compiled_step()
         self.buffers = lars_sgd_reference(
@@ -68,9 +71,9 @@ class Run:
             self.scheduler.step()
 
     def check(self, step: int) -> None:
-        for (name, p), expected in zip(self.model.named_parameters(), self.reference):
+        for (name, p), expected in zip(self.model.named_parameters(), self.reference, strict=True):
             torch.testing.assert_close(p.detach().double(), expected, rtol=2e-5, atol=2e-5,
-                                       msg=lambda m: f"step {step}, {name}: {m}")
+                                       msg=lambda m, name=name: f"step {step}, {name}: {m}")
 
     def check_compiles(self) -> None:
         assert self.counter.frame_count <= MAX_COMPILES, (
@@ -96,7 +99,8 @@ def _cyclic(lars: lars_fx.LARS) -> torch.optim.lr_scheduler.CyclicLR:
     "sgd_options,lars_options,scheduler",
     [
         # clip's coeff / lr and nesterov's -lr * a meet the lr that momentum's update scales by
-        (dict(lr=LRS[0], momentum=0.9, nesterov=True, weight_decay=1e-2), dict(coefficient=0.5, use_clip=True), None),
+        (dict(lr=LRS[0], momentum=0.9, nesterov=True, weight_decay=1e-2),
+         dict(coefficient=0.5, use_clip=True), None),
         # OneCycleLR cycles momentum too; dampening scales every update after the first
         (dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=1e-3), dict(coefficient=0.5, use_clip=True),
          _one_cycle),

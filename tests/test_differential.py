@@ -10,8 +10,8 @@ do not exist.
 
 The cases are covering arrays (all pairs of option values, see ``covering_array``):
 
-    pytest tests/test_differential.py                 # CI: every eager case, the busiest compiled ones
-    pytest -m slow tests/test_differential.py         # the full sweep, every mode (435 cases; 20-60 min on 2 cores)
+    pytest tests/test_differential.py            # CI: every eager case, the busiest compiled ones
+    pytest -m slow tests/test_differential.py    # the full sweep, every mode: 435 cases, 20-60 min on 2 cores
     pytest -m slow tests/test_differential.py -k fused   # one mode of it
 
 Compiled modes take 10-30 s per compile on a CPU, hence the split.
@@ -25,17 +25,17 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pytest
 import torch
-from lars_modes import lars_step_in_mode
 from torch import Tensor
 
 import lars_fx
 from lars_fx import ParamInfo, default_lars_filter
 from lars_fx import functional as F
+from lars_modes import lars_step_in_mode
 
 STEPS = 12
 CHANGE_STEP = 3  # options change before this step
@@ -50,8 +50,9 @@ SCHEDULES = (
     "constant", "manual", "step", "multistep", "linear_warmup", "cosine", "onecycle", "cyclic", "polynomial",
     "lambda", "plateau", "sequential",
 )
-LARS_ATTRIBUTE_CHANGES = ("coefficient", "use_clip", "epsilon", "unit_trust_on_zero_norm", "lr_inside_momentum",
-                          "lars_filter")
+LARS_ATTRIBUTE_CHANGES = (
+    "coefficient", "use_clip", "epsilon", "unit_trust_on_zero_norm", "lr_inside_momentum", "lars_filter",
+)
 GROUP_CHANGES = ("weight_decay", "momentum", "dampening")
 CHANGES = ("none", *LARS_ATTRIBUTE_CHANGES, *GROUP_CHANGES)
 
@@ -92,7 +93,9 @@ class Case:
             value = getattr(self, f.name)
             if f.name in ("mode", "schedule", "tensor_lr", "seed") or value == getattr(default, f.name):
                 continue
-            parts.append(f"{f.name}={value}" if not isinstance(value, bool) else (f.name if value else f"no_{f.name}"))
+            parts.append(
+                f"{f.name}={value}" if not isinstance(value, bool) else (f.name if value else f"no_{f.name}")
+            )
         return "-".join(parts)
 
 
@@ -127,7 +130,9 @@ def invalid(case: Case) -> str | None:
         # Momentum switched on after the first compiled step, for a parameter whose gradient comes late:
         # Dynamo's guards miss the state SGD creates then, and the backend refuses with a clear error
         # (tests/test_backend.py: test_a_parameter_whose_first_gradient_comes_later) instead of restarting it.
-        return "backend='lars_fx' refuses momentum switched on mid-run with late gradients (torch's guard gap)"
+        return (
+            "backend='lars_fx' refuses momentum switched on mid-run with late gradients (torch's guard gap)"
+        )
     return None
 
 
@@ -162,7 +167,7 @@ def covering_array(
     uncovered: set[tuple[int, tuple]] = set()
     for k, dims in enumerate(interactions):
         for values in itertools.product(*(dimensions[d] for d in dims)):
-            if valid_completion(dict(zip(dims, values))) is not None:
+            if valid_completion(dict(zip(dims, values, strict=True))) is not None:
                 uncovered.add((k, values))
 
     def newly_covered(row: dict[str, Any]) -> set[tuple[int, tuple]]:
@@ -187,7 +192,7 @@ def covering_array(
     rows = []
     while uncovered:
         target_k, target_values = rng.choice(sorted(uncovered, key=repr))
-        target = dict(zip(interactions[target_k], target_values))
+        target = dict(zip(interactions[target_k], target_values, strict=True))
         best, best_gain = None, set()
         for _ in range(candidates):
             row = dict(target)
@@ -212,7 +217,7 @@ def _case_valid(row: dict[str, Any]) -> bool:
     return invalid(Case(**row)) is None
 
 
-@lru_cache(maxsize=None)
+@cache
 def eager_cases(mode: str) -> list[Case]:
     """All pairs of every other dimension's values, in one eager mode (cheap: every CI run)."""
     dims = {**DIMENSIONS, "mode": (mode,)}
@@ -221,7 +226,7 @@ def eager_cases(mode: str) -> list[Case]:
     return [Case(**row, seed=1000 + i) for i, row in enumerate(rows)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled_cases(mode: str) -> list[Case]:
     """All pairs of values in one compiled mode, (schedule, change) pairs aside; and the triples of the lr
     kind with clip, nesterov and momentum, the interactions the compiled paths have got wrong."""
@@ -237,7 +242,10 @@ def features(case: Case) -> int:
     """How many things a case does beyond the plainest run: a float lr, a schedule, momentum, every option."""
     plain = Case(mode=case.mode, tensor_lr=True, momentum=0.0, absent_grads=False, seed=case.seed)
     cycles_momentum = case.schedule in ("onecycle", "cyclic")
-    return sum(getattr(case, f.name) != getattr(plain, f.name) for f in dataclasses.fields(case)) + cycles_momentum
+    return (
+        sum(getattr(case, f.name) != getattr(plain, f.name) for f in dataclasses.fields(case))
+        + cycles_momentum
+    )
 
 
 def ci_cases() -> list[Case]:
@@ -355,7 +363,9 @@ class Driver:
         try:
             setattr(self.lars, attribute, value)
         except (AttributeError, TypeError, ValueError) as error:
-            assert attribute in str(error), f"refusing to change {attribute}, the error does not name it: {error}"
+            assert attribute in str(error), (
+                f"refusing to change {attribute}, the error does not name it: {error}"
+            )
             self.refused[attribute] = str(error)
             return
         self.options = dataclasses.replace(self.options, **{attribute: value})
@@ -367,7 +377,7 @@ def build(case: Case, params: dict[str, torch.nn.Parameter]) -> Driver:
 
     groups = [
         {"params": [(name, params[name]) for name in names], "lr": lr(base_lr), "weight_decay": decay}
-        for names, base_lr, decay in zip(GROUPS, BASE_LRS, WEIGHT_DECAYS)
+        for names, base_lr, decay in zip(GROUPS, BASE_LRS, WEIGHT_DECAYS, strict=True)
     ]
     sgd = torch.optim.SGD(
         groups, lr=lr(BASE_LRS[0]), momentum=case.momentum, dampening=case.dampening, nesterov=case.nesterov,
@@ -400,7 +410,7 @@ def make_schedule(name: str, opt: torch.optim.Optimizer) -> Scheduler:
         return lambda t: None
     if name == "manual":
         def set_lrs(t: int) -> None:  # 0.3, 0.279, 0.258, ...: a new float every step
-            for group, base in zip(opt.param_groups, BASE_LRS):
+            for group, base in zip(opt.param_groups, BASE_LRS, strict=True):
                 value = base * (1 - 0.07 * (t + 1))
                 if isinstance(group["lr"], Tensor):
                     group["lr"].fill_(value)
@@ -421,7 +431,9 @@ def make_schedule(name: str, opt: torch.optim.Optimizer) -> Scheduler:
         "polynomial": lambda: S.PolynomialLR(opt, total_iters=STEPS, power=2.0),
         "lambda": lambda: S.LambdaLR(opt, lr_lambda=lambda t: 1.0 / (1.0 + 0.5 * t)),
         "sequential": lambda: S.SequentialLR(
-            opt, [S.LinearLR(opt, start_factor=0.2, total_iters=3), S.CosineAnnealingLR(opt, T_max=9, eta_min=0.01)],
+            opt,
+            [S.LinearLR(opt, start_factor=0.2, total_iters=3),
+             S.CosineAnnealingLR(opt, T_max=9, eta_min=0.01)],
             milestones=[3],
         ),
     }[name]()
@@ -453,12 +465,16 @@ class Oracle:
             names = [n for n in group["param_names"] if n in grads]
             if not names:
                 continue
-            mask = [bool(options.lars_filter(ParamInfo(n, self.params[n], group_index, group["param_names"].index(n))))
-                    for n in names]
+            positions = [group["param_names"].index(n) for n in names]
+            mask = [bool(options.lars_filter(ParamInfo(n, self.params[n], group_index, position)))
+                    for n, position in zip(names, positions, strict=True)]
             lr, momentum, decay = _number(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
-            lars_options = dict(coefficient=options.coefficient, epsilon=options.epsilon, use_clip=options.use_clip,
+            lars_options = dict(coefficient=options.coefficient, epsilon=options.epsilon,
+                                use_clip=options.use_clip,
                                 unit_trust_on_zero_norm=options.unit_trust_on_zero_norm)
-            self._expect_telemetry(step, group_index, names, mask, grads, dict(lars_options, weight_decay=decay, lr=lr))
+            self._expect_telemetry(
+                step, group_index, names, mask, grads, dict(lars_options, weight_decay=decay, lr=lr)
+            )
             new_buffers = F.lars_sgd_reference(
                 [self.weights[n] for n in names], [grads[n] for n in names],
                 [self.buffers.get(n) if momentum != 0 else None for n in names], mask,
@@ -466,19 +482,20 @@ class Oracle:
                 nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
                 lr_inside_momentum=options.lr_inside_momentum, **lars_options,
             )
-            for n, buf in zip(names, new_buffers):
+            for n, buf in zip(names, new_buffers, strict=True):
                 if buf is not None:
                     self.buffers[n] = buf
 
     def _expect_telemetry(self, step, group_index, names, mask, grads, options) -> None:
-        for n, use_lars in zip(names, mask):
+        for n, use_lars in zip(names, mask, strict=True):
             if use_lars:
                 w, g = torch.linalg.vector_norm(self.weights[n]), torch.linalg.vector_norm(grads[n])
                 ratio = F.trust_ratio(w, g, **options)
                 self.telemetry[(step, n)] = (float(w), float(g), float(ratio))
 
     def reanchor(self, name: str, optimizer: torch.optim.Optimizer) -> None:
-        """Take the run's value of a half-precision tensor: its rounding is checked per step, not over the run."""
+        """Take the run's value of a half-precision tensor: its rounding is checked per step, not over the
+        run."""
         p = self.params[name]
         self.weights[name] = p.detach().double().clone()
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
@@ -486,7 +503,8 @@ class Oracle:
             self.buffers[name] = buf.double().clone()
 
 
-TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6), torch.bfloat16: (1e-2, 1e-2)}  # bf16: rounding of the update too
+# bf16: rounding of the update too
+TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6), torch.bfloat16: (1e-2, 1e-2)}
 
 
 def _compare(what: str, got: Tensor, want: Tensor, case: Case, step: int) -> None:
@@ -516,8 +534,8 @@ def check_telemetry(oracle: Oracle, driver: Driver) -> None:
     records = {(r["step"], r["param"]): (r["w_norm"], r["g_norm"], r["trust_ratio"])
                for r in driver.lars.telemetry.to_records()}
     assert set(records) == set(oracle.telemetry), (
-        f"{driver.case.id}: telemetry recorded {sorted(set(records) - set(oracle.telemetry))} beyond and misses "
-        f"{sorted(set(oracle.telemetry) - set(records))}"
+        f"{driver.case.id}: telemetry recorded {sorted(set(records) - set(oracle.telemetry))} beyond and "
+        f"misses {sorted(set(oracle.telemetry) - set(records))}"
     )
     for key, want in oracle.telemetry.items():
         assert records[key] == pytest.approx(want, rel=1e-4, abs=1e-7), f"{driver.case.id}: telemetry {key}"
@@ -553,13 +571,16 @@ class Run:
         self.value_recompiles: dict[tuple, list[int]] = {}
 
     def structure(self, step: int) -> tuple:
-        """What a compiled step may legitimately recompile for (anything else is a value: lr, momentum, ...)."""
+        """What a compiled step may legitimately recompile for (anything else is a value: lr, momentum,
+        ...)."""
         sgd = self.driver.sgd
         groups = tuple(
             (float(g["weight_decay"]), float(g["momentum"]) != 0, float(g["dampening"]), bool(g["nesterov"]))
             for g in sgd.param_groups
         )
-        has = tuple((p.grad is not None, "momentum_buffer" in sgd.state.get(p, {})) for p in self.params.values())
+        has = tuple(
+            (p.grad is not None, "momentum_buffer" in sgd.state.get(p, {})) for p in self.params.values()
+        )
         options = dataclasses.astuple(self.driver.options) + tuple(self.driver.refused)
         return groups, has, options, step == NONFINITE_STEP and self.case.skip_nonfinite
 
@@ -603,13 +624,15 @@ class Run:
         case, driver = self.case, self.driver
         check_telemetry(self.oracle, driver)
         if case.skip_nonfinite:
-            assert driver.lars.skipped_steps == 1, f"{case.id}: skipped_steps {driver.lars.skipped_steps}, expected 1"
+            assert driver.lars.skipped_steps == 1, (
+                f"{case.id}: skipped_steps {driver.lars.skipped_steps}, expected 1"
+            )
         if case.mode in COMPILED_MODES:
             assert self.compiles > 0, f"{case.id}: nothing was compiled (Inductor's FX graph cache off?)"
         worst = max(self.value_recompiles.values(), key=len, default=[])
         assert len(worst) <= MAX_RECOMPILES_ON_VALUES, (
-            f"{case.id}: recompiled at steps {worst}, each time for a configuration it had compiled already, where "
-            "only values (lr, momentum, a counter, ...) had changed"
+            f"{case.id}: recompiled at steps {worst}, each time for a configuration it had compiled already, "
+            "where only values (lr, momentum, a counter, ...) had changed"
         )
 
 
@@ -624,7 +647,8 @@ def run_case(case: Case, absent: Callable[[str, int], bool] | None = None) -> Ru
 
 
 ignore_scheduler_warnings = pytest.mark.filterwarnings(
-    "ignore:Detected call of `lr_scheduler.step\\(\\)` before"  # a compiled step bypasses the scheduler's counter
+    "ignore:Detected call of `lr_scheduler.step\\(\\)` "
+    "before"  # a compiled step bypasses the scheduler's counter
 )
 
 
@@ -677,7 +701,9 @@ def test_backend_never_runs_plain_sgd_when_dynamo_gives_up():
     uncompiled, as plain SGD. The step must stay LARS, or refuse with an error before anything moves."""
     torch._dynamo.reset()
     names = list(PARAMETERS)
-    run = Run(Case(mode="backend", absent_grads=False, seed=41), absent=lambda name, step: name == names[step % 6])
+    run = Run(
+        Case(mode="backend", absent_grads=False, seed=41), absent=lambda name, step: name == names[step % 6]
+    )
     with torch._dynamo.config.patch(**{_recompile_limit_config(): 2}):  # reach the limit in a few steps
         for step in range(6):
             before = {name: p.detach().clone() for name, p in run.params.items()}
@@ -686,7 +712,9 @@ def test_backend_never_runs_plain_sgd_when_dynamo_gives_up():
             except AssertionError:
                 raise
             except Exception as error:  # a refusal: loud, and before any number moved
-                assert all(torch.equal(before[n], p) for n, p in run.params.items()), f"step {step} moved, then raised"
+                assert all(torch.equal(before[n], p) for n, p in run.params.items()), (
+                    f"step {step} moved, then raised"
+                )
                 assert "lars" in str(error).lower(), f"the refusal does not say it is about LARS: {error}"
                 break
     torch._dynamo.reset()
@@ -704,7 +732,9 @@ def test_fused_keys_for_changing_gradient_subsets_are_bounded():
     assert bound <= 8, f"{bound} graphs is not 'a few'"
     experts = 12
     gen = torch.Generator().manual_seed(51)
-    params = {f"expert{k}.weight": torch.nn.Parameter(torch.randn(3, 4, generator=gen)) for k in range(experts)}
+    params = {
+        f"expert{k}.weight": torch.nn.Parameter(torch.randn(3, 4, generator=gen)) for k in range(experts)
+    }
     sgd = torch.optim.SGD([{"params": list(params.items())}], lr=0.2, momentum=0.9, weight_decay=1e-3)
     lars = lars_fx.LARS(sgd, coefficient=COEFFICIENT, fused=True)
     oracle = Oracle(params)
@@ -722,13 +752,15 @@ def test_fused_keys_for_changing_gradient_subsets_are_bounded():
             for name, p in params.items():
                 _compare(name, p, oracle.weights[name], Case(mode="fused"), step)
             compiles = inductor_compiles() - before
-            assert compiles <= bound, f"step {step}: {compiles} graphs compiled for {step + 1} gradient subsets"
+            assert compiles <= bound, (
+                f"step {step}: {compiles} graphs compiled for {step + 1} gradient subsets"
+            )
     said = [w for w in caught if "fused" in str(w.message)]
     if compiles == bound:
         assert len(said) == 1, f"reaching the limit of {bound} graphs said so {len(said)} times"
 
 
-# -- found by the property test, pinned -----------------------------------------------------------------------
+# -- found by the property test, pinned ----------------------------------------------------------------------
 
 
 def _single_parameter_step(mode: str, params: dict[str, torch.nn.Parameter], lr: float | Tensor,
@@ -762,7 +794,9 @@ def test_norms_past_float32_range(mode):
         oracle.step(index, sgd_groups(), grads, LarsOptions(coefficient=0.02), skip_nonfinite=False)
         for name, p in params.items():
             if name in overflowed:
-                assert not p.isfinite().all(), f"{mode}, step {index}: {name} overflowed float32 yet is finite"
+                assert not p.isfinite().all(), (
+                    f"{mode}, step {index}: {name} overflowed float32 yet is finite"
+                )
             else:
                 _compare(name, p, oracle.weights[name], Case(mode=mode), index)
     assert overflowed == {"huge.weight", "fine.weight"}
@@ -795,7 +829,9 @@ def test_zero_dim_parameters_keep_their_dtype(mode, lr_inside_momentum):
     for name, p in params.items():
         assert p.dtype == {"temperature": torch.float32}.get(name, torch.bfloat16), name
         buf = opt_state[p]["momentum_buffer"]
-        assert buf.dtype == p.dtype and buf.shape == p.shape, f"{name}: {p.dtype} {tuple(p.shape)}, buffer {buf.dtype}"
+        assert buf.dtype == p.dtype and buf.shape == p.shape, (
+            f"{name}: {p.dtype} {tuple(p.shape)}, buffer {buf.dtype}"
+        )
 
 
 def test_fused_norms_of_half_precision_weights_are_of_the_stored_weights():
@@ -849,7 +885,7 @@ def _coverable(mode: str, fixed: dict[str, Any]) -> bool:
     fixed = {"mode": mode, **fixed}
     others = {d: v for d, v in DIMENSIONS.items() if d not in fixed and d not in ("schedule", "change")}
     return any(
-        invalid(Case(**fixed, **dict(zip(others, values)))) is None
+        invalid(Case(**fixed, **dict(zip(others, values, strict=True)))) is None
         for values in itertools.product(*others.values())
     )
 
@@ -859,7 +895,7 @@ def test_the_comparison_sees_a_wrong_step():
     case = Case(mode="foreach", schedule="cosine")
     run = Run(case)
     run.driver.step = run.driver.sgd.step
-    with pytest.raises(AssertionError, match="fc1.weight differs from the float64 reference"):
+    with pytest.raises(AssertionError, match=r"fc1\.weight differs from the float64 reference"):
         run.advance(0)
 
 
@@ -885,7 +921,8 @@ class Scenario:
     sgd: dict[str, Any]
     lars: dict[str, Any]
     tensor_lr: bool
-    steps: tuple[tuple[float, tuple[float | None, ...]], ...]  # (lr, per parameter: gradient scale, None: absent)
+    # (lr, per parameter: gradient scale, None: absent)
+    steps: tuple[tuple[float, tuple[float | None, ...]], ...]
     seed: int
 
 
@@ -904,17 +941,22 @@ def scenarios(draw, dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.
     momentum = draw(st.sampled_from([0.0, 0.5, 0.9]))
     nesterov = momentum > 0 and draw(st.booleans())
     sgd = dict(
-        momentum=momentum, nesterov=nesterov, dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.3])),
+        momentum=momentum, nesterov=nesterov,
+        dampening=0.0 if nesterov else draw(st.sampled_from([0.0, 0.3])),
         maximize=draw(st.booleans()), weight_decay=draw(st.sampled_from([0.0, 1e-4, 0.1])),
     )
     lars = dict(
-        coefficient=draw(st.sampled_from([0.0, 1e-3, 0.02, 1.0])), epsilon=draw(st.sampled_from([1e-8, 1e-5, 1.0])),
-        use_clip=draw(st.booleans()), unit_trust_on_zero_norm=draw(st.booleans()),
+        coefficient=draw(st.sampled_from([0.0, 1e-3, 0.02, 1.0])),
+        epsilon=draw(st.sampled_from([1e-8, 1e-5, 1.0])),
+        use_clip=draw(st.booleans()),
+        unit_trust_on_zero_norm=draw(st.booleans()),
         lr_inside_momentum=draw(st.booleans()),
     )
     lr = st.one_of(st.sampled_from([0.0, 1e-3, 0.1, 1.0]), st.floats(1e-4, 2.0))
-    grad_scales = [st.sampled_from([None, 0.0, 1e-3, 1.0, 1e3] + ([HUGE] if spec.dtype != torch.float16 else []))
-                   for spec in specs]
+    grad_scales = [
+        st.sampled_from([None, 0.0, 1e-3, 1.0, 1e3] + ([HUGE] if spec.dtype != torch.float16 else []))
+        for spec in specs
+    ]
     steps = draw(st.lists(st.tuples(lr, st.tuples(*grad_scales)), min_size=1, max_size=max_steps))
     return Scenario(tuple(specs), sgd, lars, draw(st.booleans()), tuple(steps), draw(st.integers(0, 2**16)))
 
@@ -932,7 +974,9 @@ def _max(t: Tensor | None) -> float:
     return float(t.abs().max()) if t is not None and t.numel() else 0.0
 
 
-def _update_bound(w: Tensor, g: Tensor, use_lars: bool, lr: float, decay: float, options: dict[str, Any]) -> float:
+def _update_bound(
+    w: Tensor, g: Tensor, use_lars: bool, lr: float, decay: float, options: dict[str, Any]
+) -> float:
     """The largest term of the scaled gradient u = coeff * (g + decay * w), whose rounding a step inherits."""
     if not use_lars:
         return _max(g)
@@ -942,8 +986,8 @@ def _update_bound(w: Tensor, g: Tensor, use_lars: bool, lr: float, decay: float,
 
 
 def check_scenario(scenario: Scenario, mode: str) -> None:
-    """Per step (each step starts from the run's own values): weights and buffers within their dtype's rounding
-    of the magnitudes the step combines."""
+    """Per step (each step starts from the run's own values): weights and buffers within their dtype's
+    rounding of the magnitudes the step combines."""
     gen = torch.Generator().manual_seed(scenario.seed)
     params = {f"p{k}": torch.nn.Parameter((torch.randn(spec.shape, generator=gen, dtype=torch.float64)
                                            * spec.scale).to(spec.dtype))
@@ -951,12 +995,15 @@ def check_scenario(scenario: Scenario, mode: str) -> None:
     masks = {f"p{k}": spec.use_lars for k, spec in enumerate(scenario.params)}
     lars_filter = lambda info: masks[info.name]  # noqa: E731
     first_lr = scenario.steps[0][0]
-    # A float64 tensor lr: the matrix covers float32 ones (whose products with other numbers round in float32).
+    # A float64 tensor lr: the matrix covers float32 ones (whose products with other numbers round in
+    # float32).
     sgd = torch.optim.SGD([{"params": list(params.items())}], lr=torch.tensor(first_lr, dtype=torch.float64)
                           if scenario.tensor_lr else first_lr, **scenario.sgd)
     if mode == "backend":
         torch._dynamo.reset()
-        step = torch.compile(sgd.step, backend="lars_fx", options={**scenario.lars, "lars_filter": lars_filter})
+        step = torch.compile(
+            sgd.step, backend="lars_fx", options={**scenario.lars, "lars_filter": lars_filter}
+        )
     else:
         lars = lars_fx.LARS(sgd, **scenario.lars, lars_filter=lars_filter, foreach=mode != "per_tensor",
                             fused=mode == "fused")
@@ -972,7 +1019,7 @@ def check_scenario(scenario: Scenario, mode: str) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
-        for (name, p), grad_scale in zip(params.items(), grad_scales):
+        for p, grad_scale in zip(params.values(), grad_scales, strict=True):
             p.grad = None if grad_scale is None else (
                 torch.randn(p.shape, generator=gen, dtype=torch.float64) * grad_scale).to(p.dtype)
         grads = {n: p.grad.double() for n, p in params.items() if p.grad is not None}
@@ -983,7 +1030,9 @@ def check_scenario(scenario: Scenario, mode: str) -> None:
             step()
         except ValueError as error:  # a documented limit: loud, naming the parameter, nothing moved
             assert any(n in str(error) for n in params), f"the refusal names no parameter: {error}"
-            assert all(torch.equal(before[n], p.detach().double()) for n, p in params.items()), "moved, then raised"
+            assert all(torch.equal(before[n], p.detach().double()) for n, p in params.items()), (
+                "moved, then raised"
+            )
             return
         oracle.step(index, groups, grads, options, skip_nonfinite=False)
         overflowed = []
@@ -991,10 +1040,13 @@ def check_scenario(scenario: Scenario, mode: str) -> None:
             if name not in grads or p.numel() == 0:
                 assert torch.equal(p.detach().double(), before[name]), f"{mode}, step {index}: {name} moved"
                 continue
-            overflows = masks[name] and p.dtype != torch.float64 and _norm_overflows(before[name], grads[name])
+            overflows = (
+                masks[name] and p.dtype != torch.float64 and _norm_overflows(before[name], grads[name])
+            )
             if overflows and not p.isfinite().all():
                 # The documented limit: a squared norm past float32's range gives a NaN/inf step (or, where a
-                # mode's norm kernel does not overflow, the right one: checked below), never a wrong finite one.
+                # mode's norm kernel does not overflow, the right one: checked below), never a wrong finite
+                # one.
                 overflowed.append(name)
                 continue
             u = _update_bound(before[name], grads[name], masks[name], lr, decay, scenario.lars)
@@ -1003,13 +1055,15 @@ def check_scenario(scenario: Scenario, mode: str) -> None:
             step_scale = _max(before[name]) + (lr + 1.0) * (u + buf_scale)
             error = (p.detach().double() - oracle.weights[name]).abs().max().item()
             assert error <= _tolerance(p.dtype, step_scale), (
-                f"{mode}, step {index}: {name} ({p.dtype}, {tuple(p.shape)}) is off by {error:.3g}, more than "
-                f"{PER_STEP_RTOL[p.dtype]} x {step_scale:.3g} (the magnitudes this step combines)"
+                f"{mode}, step {index}: {name} ({p.dtype}, {tuple(p.shape)}) is off by {error:.3g}, more "
+                f"than {PER_STEP_RTOL[p.dtype]} x {step_scale:.3g} (the magnitudes this step combines)"
             )
             buf = sgd.state.get(p, {}).get("momentum_buffer")
             if name in oracle.buffers and momentum != 0:
                 assert buf is not None, f"{mode}, step {index}: {name} has no momentum buffer"
-                assert buf.dtype == p.dtype, f"{mode}: the momentum buffer of {name} ({p.dtype}) is {buf.dtype}"
+                assert buf.dtype == p.dtype, (
+                    f"{mode}: the momentum buffer of {name} ({p.dtype}) is {buf.dtype}"
+                )
                 error = (buf.double() - oracle.buffers[name]).abs().max().item()
                 assert error <= _tolerance(p.dtype, buf_scale), (
                     f"{mode}, step {index}: the momentum buffer of {name} is off by {error:.3g}, more than "

@@ -1,5 +1,5 @@
-"""LARS under torch.distributed on loopback gloo: DDP, FSDP2, tensor parallelism, 2-D meshes (FSDP2 x TP, HSDP),
-DCP, the collectives of a step, and what is refused.
+"""LARS under torch.distributed on loopback gloo: DDP, FSDP2, tensor parallelism, 2-D meshes (FSDP2 x TP,
+HSDP), DCP, the collectives of a step, and what is refused.
 
 Each layout runs once per module in one spawned job (``dist_workers``) that runs all its checks; the tests
 assert on the cached results. Every trajectory is compared, step by step, with the single-process full-batch
@@ -24,7 +24,9 @@ TOLERANCE = {"rtol": 1e-10, "atol": 1e-12}
 
 
 @functools.cache
-def reference(kind: str = "net", variant: str = "nesterov", steps: int = workers.STEPS, writes: bool = True) -> list:
+def reference(
+    kind: str = "net", variant: str = "nesterov", steps: int = workers.STEPS, writes: bool = True
+) -> list:
     """The single-process full-batch float64 run (with the variant's weight writes between steps)."""
     return workers.reference_trajectory(kind, variant, range(steps), writes)
 
@@ -40,15 +42,20 @@ def check_result(results: list[dict[str, Any]], name: str) -> list[dict[str, Any
 
 def assert_trajectory(actual: list[dict], expected: list[dict], what: str, first_step: int = 0) -> None:
     assert len(actual) == len(expected), what
-    for step, (got, want) in enumerate(zip(actual, expected), start=first_step):
+    for step, (got, want) in enumerate(zip(actual, expected, strict=True), start=first_step):
         assert got.keys() == want.keys(), f"{what}: parameters {sorted(got)} != {sorted(want)}"
         for name in want:
             torch.testing.assert_close(
-                got[name], want[name], **TOLERANCE, msg=lambda m, n=name, s=step: f"{what}, step {s}, {n}: {m}"
+                got[name],
+                want[name],
+                **TOLERANCE,
+                msg=lambda m, n=name, s=step: f"{what}, step {s}, {n}: {m}",
             )
 
 
-def assert_each_rank_matches(results: list[dict], name: str, expected: list[dict], first_step: int = 0) -> list[dict]:
+def assert_each_rank_matches(
+    results: list[dict], name: str, expected: list[dict], first_step: int = 0
+) -> list[dict]:
     per_rank = check_result(results, name)
     for rank, result in enumerate(per_rank):
         assert_trajectory(result["trajectory"], expected, f"{name} on rank {rank}", first_step)
@@ -60,7 +67,8 @@ def assert_all_reduces(per_rank: list[dict], expected: int, name: str) -> None:
     for rank, result in enumerate(per_rank):
         counts = result["collectives"]
         assert counts == ({"all_reduce": expected} if expected else {}), (
-            f"{name} on rank {rank}: collectives in one optimizer step {counts}, expected {expected} all-reduce(s)"
+            f"{name} on rank {rank}: collectives in one optimizer step {counts}, expected {expected} "
+            "all-reduce(s)"
         )
 
 
@@ -153,8 +161,9 @@ def test_fsdp2_step_issues_one_all_reduce(fsdp2_results, kind, lars_tensors, mod
 
 @pytest.mark.parametrize("mode", workers.MODES)
 def test_fsdp2_weights_written_between_steps_are_seen(fsdp2_results, mode):
-    """torch._foreach_mul_ on the DTensor parameters after step 1, p.to_local().mul_ after step 3: fused=True's
-    carried weight norms must not go stale; the run matches the reference that sees the same writes."""
+    """torch._foreach_mul_ on the DTensor parameters after step 1, p.to_local().mul_ after step 3:
+    fused=True's carried weight norms must not go stale; the run matches the reference that sees the same
+    writes."""
     with_writes, without = reference(), reference(writes=False)
     assert not torch.allclose(with_writes[-1]["fc1.weight"], without[-1]["fc1.weight"], **TOLERANCE)
     assert_each_rank_matches(fsdp2_results, f"net/nesterov/{mode}", with_writes)
@@ -162,22 +171,24 @@ def test_fsdp2_weights_written_between_steps_are_seen(fsdp2_results, mode):
 
 @pytest.mark.parametrize("mode", workers.CHECKPOINTED_MODES)
 def test_dcp_round_trip_resumes_the_identical_trajectory(fsdp2_results, mode):
-    """DCP save at step 3 (get_state_dict, dcp.save); a fresh model with other weights and a fresh optimizer load
-    it (dcp.load, set_state_dict) and train on: the uninterrupted run's trajectory, bit for bit (momentum included)."""
+    """DCP save at step 3 (get_state_dict, dcp.save); a fresh model with other weights and a fresh optimizer
+    load it (dcp.load, set_state_dict) and train on: the uninterrupted run's trajectory, bit for bit (momentum
+    included)."""
     per_rank = assert_each_rank_matches(fsdp2_results, f"net/nesterov/{mode}", reference())
     for rank, result in enumerate(per_rank):
         what = f"dcp/{mode} resumed, rank {rank}"
         assert result["resumed_not_compiled"] is None, f"{what}: {result['resumed_not_compiled']}"
         for step, (resumed, uninterrupted) in enumerate(
-            zip(result["resumed"], result["trajectory"][workers.RESUME_AT :], strict=True), start=workers.RESUME_AT
+            zip(result["resumed"], result["trajectory"][workers.RESUME_AT :], strict=True),
+            start=workers.RESUME_AT,
         ):
             for name, value in uninterrupted.items():
                 assert torch.equal(resumed[name], value), f"{what}, step {step}, {name}: not identical"
 
 
 def test_sharded_full_state_dict_loads_into_a_single_device_run(fsdp2_results):
-    """get_state_dict(..., StateDictOptions(full_state_dict=True)) of an FSDP2 run, loaded with set_state_dict into
-    a single-device model and optimizer, which train on as the FSDP2 run and the reference do."""
+    """get_state_dict(..., StateDictOptions(full_state_dict=True)) of an FSDP2 run, loaded with set_state_dict
+    into a single-device model and optimizer, which train on as the FSDP2 run and the reference do."""
     per_rank = assert_each_rank_matches(fsdp2_results, "net/nesterov/foreach", reference())
     resumed = workers.single_device_resume(per_rank[0]["full_state"])
     what = "single-device run resumed from the FSDP2 run's full state"
@@ -186,8 +197,8 @@ def test_sharded_full_state_dict_loads_into_a_single_device_run(fsdp2_results):
 
 @pytest.mark.parametrize("mode", workers.CHECKPOINTED_MODES)
 def test_single_device_full_state_dict_loads_into_an_fsdp2_run(fsdp2_results, mode):
-    """The reference run's full state dicts after step 3, loaded with set_state_dict(full_state_dict=True) into a
-    fresh FSDP2 model and optimizer, which train on as the reference does."""
+    """The reference run's full state dicts after step 3, loaded with set_state_dict(full_state_dict=True)
+    into a fresh FSDP2 model and optimizer, which train on as the reference does."""
     assert_each_rank_matches(
         fsdp2_results, f"full_state_in/{mode}", reference()[workers.RESUME_AT :], workers.RESUME_AT
     )
@@ -218,7 +229,9 @@ def mesh2d_results():
 
 @pytest.mark.parametrize("mode", workers.MODES)
 @pytest.mark.parametrize("layout, sharding_dims", [("fsdp_tp", 2), ("hsdp", 1)])
-def test_2d_mesh_matches_reference_with_one_all_reduce_per_sharding_dim(mesh2d_results, layout, sharding_dims, mode):
+def test_2d_mesh_matches_reference_with_one_all_reduce_per_sharding_dim(
+    mesh2d_results, layout, sharding_dims, mode
+):
     """FSDP2 x TP shards along both mesh dimensions; HSDP (replicate x shard) along one."""
     per_rank = assert_each_rank_matches(mesh2d_results, f"{layout}/{mode}", reference())
     assert_all_reduces(per_rank, sharding_dims, f"{layout}/{mode}")
@@ -252,8 +265,8 @@ def test_fsdp1_is_refused_before_any_parameter_moves(fsdp1_results, use_orig_par
                 for n in reference(steps=1)[0]
             )
             pytest.fail(
-                f"rank {rank}: LARS stepped FSDP1 parameters without an error; the weights are off the full-batch "
-                f"reference by up to {deviation:.3g} after one step"
+                f"rank {rank}: LARS stepped FSDP1 parameters without an error; the weights are off the "
+                f"full-batch reference by up to {deviation:.3g} after one step"
             )
         assert raised["type"] == "ValueError", raised["traceback"]
         assert "fully_shard" in raised["message"] or "FSDP2" in raised["message"], raised["message"]

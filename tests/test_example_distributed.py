@@ -1,5 +1,5 @@
-"""examples/large_batch_distributed.py in a reduced form (12 steps, float64): under torchrun on 2 ranks, DDP and
-FSDP2 in one launch follow the one-process full-batch run step for step, and the loss falls."""
+"""examples/large_batch_distributed.py in a reduced form (12 steps, float64): under torchrun on 2 ranks, DDP
+and FSDP2 in one launch follow the one-process full-batch run step for step, and the loss falls."""
 
 from __future__ import annotations
 
@@ -10,19 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from dist_harness import run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 EXAMPLE = EXAMPLES / "large_batch_distributed.py"
 REDUCED = ["--steps", "12", "--dtype", "float64"]
-BOUND_S = 240  # torchrun's agent and two ranks start in ~10 s on an idle 2-core machine; training takes seconds
+# torchrun's agent and two ranks start in ~10 s on an idle 2-core machine; training takes seconds
+BOUND_S = 240
 STEP = re.compile(r"^step +(\d+) +lr [\d.]+ +loss ([\d.e+-]+)$")
 ACCURACY = re.compile(r"^(\w+): final test accuracy ([\d.]+)%")
 
 
 def parse_runs(output: str) -> dict[str, tuple[list[float], float]]:
-    """Each run's losses, step by step, and its final accuracy (%), by the name it prints (ddp, fsdp2, single)."""
+    """Each run's losses, step by step, and its final accuracy (%), by the name it prints (ddp, fsdp2,
+    single)."""
     runs: dict[str, tuple[list[float], float]] = {}
     losses: list[float] = []
     for line in output.splitlines():
@@ -35,7 +38,9 @@ def parse_runs(output: str) -> dict[str, tuple[list[float], float]]:
     return runs
 
 
-def one_process_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[list[float], float]:
+def one_process_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[list[float], float]:
     monkeypatch.syspath_prepend(str(EXAMPLES))  # the example imports large_batch_digits from its folder
     import importlib.util
 

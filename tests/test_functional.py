@@ -29,7 +29,9 @@ def test_clip_divides_by_lr_and_clamps_to_unit_interval(lr):
     w_norm = torch.tensor([3.0, 0.0, 0.2], dtype=torch.float64)
     g_norm = torch.tensor([0.1, 1.0, 50.0], dtype=torch.float64)
     raw = F.trust_ratio(w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5)
-    clipped = F.trust_ratio(w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5, use_clip=True, lr=lr)
+    clipped = F.trust_ratio(
+        w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5, use_clip=True, lr=lr
+    )
     torch.testing.assert_close(clipped, torch.clamp(raw / lr, 0, 1))
     assert clipped[0] == 1.0 and clipped[1] == 0.0
 
@@ -37,16 +39,19 @@ def test_clip_divides_by_lr_and_clamps_to_unit_interval(lr):
 def test_clip_at_zero_lr_keeps_a_zero_coefficient_finite():
     w_norm = torch.tensor([0.0, 2.0])
     g_norm = torch.tensor([1.0, 1.0])
-    clipped = F.trust_ratio(w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5, use_clip=True, lr=0.0)
+    clipped = F.trust_ratio(
+        w_norm, g_norm, weight_decay=0.0, coefficient=0.5, epsilon=1e-5, use_clip=True, lr=0.0
+    )
     assert clipped.tolist() == [0.0, 1.0]
-    nan_grad = F.trust_ratio(w_norm, torch.tensor([float("nan")] * 2), weight_decay=0.0, coefficient=0.5, epsilon=1e-5,
-                             use_clip=True, lr=0.1)
+    nan_grad = F.trust_ratio(w_norm, torch.tensor([float("nan")] * 2), weight_decay=0.0, coefficient=0.5,
+                             epsilon=1e-5, use_clip=True, lr=0.1)
     assert nan_grad.isnan().all()  # non-finite gradients still propagate
 
 
 def test_use_clip_without_lr_is_an_error():
     with pytest.raises(ValueError, match="lr"):
-        F.trust_ratio(torch.tensor(1.0), torch.tensor(1.0), weight_decay=0.0, coefficient=0.1, epsilon=1e-5, use_clip=True)
+        F.trust_ratio(torch.tensor(1.0), torch.tensor(1.0), weight_decay=0.0, coefficient=0.1, epsilon=1e-5,
+                      use_clip=True)
 
 
 def test_zero_norms_mindspore_versus_unit_convention():
@@ -56,7 +61,9 @@ def test_zero_norms_mindspore_versus_unit_convention():
     assert torch.count_nonzero(F.lars_gradient(zeros, ones, **options)) == 0
     # timm/apex: trust ratio 1 when either norm is 0.
     torch.testing.assert_close(F.lars_gradient(zeros, ones, unit_trust_on_zero_norm=True, **options), ones)
-    torch.testing.assert_close(F.lars_gradient(ones, zeros, unit_trust_on_zero_norm=True, **options), 1e-4 * ones)
+    torch.testing.assert_close(
+        F.lars_gradient(ones, zeros, unit_trust_on_zero_norm=True, **options), 1e-4 * ones
+    )
     # MindSpore with g = 0: coeff = c||w|| / (wd||w|| + eps), finite.
     expected = 0.001 * 2.0 / (1e-4 * 2.0 + 1e-5) * 1e-4
     torch.testing.assert_close(F.lars_gradient(ones, zeros, **options), torch.full((4,), expected))
@@ -64,8 +71,8 @@ def test_zero_norms_mindspore_versus_unit_convention():
 
 def _random_tensors(dtypes, seed):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(SHAPES, dtypes)]
-    grads = [torch.randn(s, generator=gen).to(dt) * 0.1 for s, dt in zip(SHAPES, dtypes)]
+    params = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(SHAPES, dtypes, strict=True)]
+    grads = [torch.randn(s, generator=gen).to(dt) * 0.1 for s, dt in zip(SHAPES, dtypes, strict=True)]
     return params, grads
 
 
@@ -93,14 +100,16 @@ def as_under_compile(request, monkeypatch):
 def test_foreach_matches_per_tensor_reference(dtypes, maximize, use_clip, as_under_compile):
     params, grads = _random_tensors(dtypes, seed=len(dtypes) + maximize + 2 * use_clip)
     mask = [True, True, False, True, True]
-    options = dict(weight_decay=1e-3, coefficient=0.5, epsilon=1e-5, use_clip=use_clip, lr=0.3, maximize=maximize)
+    options = dict(
+        weight_decay=1e-3, coefficient=0.5, epsilon=1e-5, use_clip=use_clip, lr=0.3, maximize=maximize
+    )
     result = F.lars_gradients_foreach(params, grads, mask, **options)
-    for p, g, use_lars, got in zip(params, grads, mask, result.updates):
+    for p, g, use_lars, got in zip(params, grads, mask, result.updates, strict=True):
         expected = F.lars_gradient(p, g, **options) if use_lars else (-g if maximize else g)
         assert got.dtype == g.dtype
         tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(g.dtype, 1e-2)
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
-    lars_params = [p for p, m in zip(params, mask) if m]
+    lars_params = [p for p, m in zip(params, mask, strict=True) if m]
     w_norms = torch.tensor([_norm(p) for p in lars_params], dtype=result.norms.w_norm.dtype)
     torch.testing.assert_close(result.norms.w_norm, w_norms, rtol=1e-5, atol=0)
     assert result.norms.trust_ratio.shape == (4,)
@@ -108,7 +117,9 @@ def test_foreach_matches_per_tensor_reference(dtypes, maximize, use_clip, as_und
 
 def test_norms_of_half_precision_are_float32():
     params, grads = _random_tensors([torch.bfloat16] * 5, seed=3)
-    result = F.lars_gradients_foreach(params, grads, [True] * 5, weight_decay=0.0, coefficient=1.0, epsilon=1e-5)
+    result = F.lars_gradients_foreach(
+        params, grads, [True] * 5, weight_decay=0.0, coefficient=1.0, epsilon=1e-5
+    )
     assert result.norms.w_norm.dtype == torch.float32 and result.norms.trust_ratio.dtype == torch.float32
 
 
@@ -128,17 +139,19 @@ def test_lars_sgd_foreach_matches_reference(momentum, dampening, nesterov, maxim
     hp = dict(momentum=momentum, dampening=dampening, nesterov=nesterov, maximize=maximize, weight_decay=1e-2,
               coefficient=0.3, use_clip=True, lr_inside_momentum=lr_inside_momentum)
     for lr in [0.1, 0.05, 0.2, 0.0, 0.1]:
-        grads = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(SHAPES, dtypes)]
-        lars_params = [p.clone() for p, m in zip(params, mask) if m]
+        grads = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(SHAPES, dtypes, strict=True)]
+        lars_params = [p.clone() for p, m in zip(params, mask, strict=True) if m]
         norms = F.lars_sgd_foreach(params, grads, fast_buffers, mask, lr=lr, **hp)
         ref_buffers = F.lars_sgd_reference(reference, grads, ref_buffers, mask, lr=lr, **hp)
-        for got, expected in zip(params + fast_buffers, reference + ref_buffers):
+        for got, expected in zip(params + fast_buffers, reference + ref_buffers, strict=True):
             if expected is None:
                 assert got is None
                 continue
             tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(got.dtype, 1e-2)
             torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
-    torch.testing.assert_close(norms.w_norm, torch.tensor([_norm(p) for p in lars_params]), rtol=1e-5, atol=0, check_dtype=False)
+    torch.testing.assert_close(
+        norms.w_norm, torch.tensor([_norm(p) for p in lars_params]), rtol=1e-5, atol=0, check_dtype=False
+    )
     assert norms.trust_ratio.shape == (3,)
 
 
@@ -148,7 +161,7 @@ def test_lr_inside_momentum_differs_only_when_lr_changes():
 
     def run(lrs, lr_inside):
         w, buf = torch.zeros(5, dtype=torch.float64), None
-        for u, lr in zip(updates, lrs):
+        for u, lr in zip(updates, lrs, strict=True):
             buf = F.momentum_update(w, u, buf, lr=lr, momentum=0.9, lr_inside_momentum=lr_inside)
         return w
 

@@ -28,4 +28,5 @@ def test_zero_weight_stays_zero_as_in_mindspore():
 
 
 def test_fixtures_cover_the_scenarios_of_the_contract():
-    assert {"default_filter", "use_clip_dynamic_lr", "grouped_weight_decay", "custom_filter_no_momentum"} <= set(SCENARIOS)
+    contract = {"default_filter", "use_clip_dynamic_lr", "grouped_weight_decay", "custom_filter_no_momentum"}
+    assert contract <= set(SCENARIOS)

@@ -20,7 +20,9 @@ def net() -> torch.nn.Module:
 
 
 def export(tmp_path: Path, model: torch.nn.Module, optimizer, **kwargs) -> None:
-    generate_artifacts(model, (torch.randn(3, 4),), optimizer=optimizer, artifact_directory=tmp_path, **kwargs)
+    generate_artifacts(
+        model, (torch.randn(3, 4),), optimizer=optimizer, artifact_directory=tmp_path, **kwargs
+    )
 
 
 def lars(model: torch.nn.Module, lars_options: dict | None = None, **sgd) -> lars_fx.LARS:
@@ -47,17 +49,19 @@ def test_inexpressible_options(tmp_path: Path, sgd: dict, lars_options: dict, me
 
 def test_optimizer_types(tmp_path: Path) -> None:
     model = net()
-    with pytest.raises(TypeError, match="optimizer must be a lars_fx.LARS"):
+    with pytest.raises(TypeError, match=r"optimizer must be a lars_fx\.LARS"):
         export(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1))
     adam = lars_fx.LARS(torch.optim.Adam(model.named_parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="LARS over torch.optim.SGD only, got Adam"):
+    with pytest.raises(ValueError, match=r"LARS over torch\.optim\.SGD only, got Adam"):
         export(tmp_path, model, adam)
 
 
 def test_group_settings(tmp_path: Path) -> None:
     model = net()
     params = list(model.named_parameters())
-    mixed = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "momentum": 0.5}], lr=0.1, momentum=0.9)
+    mixed = torch.optim.SGD(
+        [{"params": params[:2]}, {"params": params[2:], "momentum": 0.5}], lr=0.1, momentum=0.9
+    )
     with pytest.raises(ValueError, match="different momentum values"):
         export(tmp_path, model, lars_fx.LARS(mixed))
     zero_base = torch.optim.SGD([{"params": params[:2], "lr": 0.0}, {"params": params[2:]}], lr=0.1)
@@ -96,7 +100,7 @@ def test_unsupported_ops(tmp_path: Path) -> None:
             return torch.cumsum(self.linear(x), dim=1)
 
     model = CumSum()
-    with pytest.raises(ValueError, match="unsupported op CumSum .* has no gradient"):
+    with pytest.raises(ValueError, match=r"unsupported op CumSum .* has no gradient"):
         export(tmp_path, model, lars(model))
 
     class ErfInv(CumSum):
@@ -104,7 +108,7 @@ def test_unsupported_ops(tmp_path: Path) -> None:
             return torch.special.erfinv(torch.tanh(self.linear(x)))
 
     model = ErfInv()
-    with pytest.raises(ValueError, match="torch.onnx.export could not export the model"):
+    with pytest.raises(ValueError, match=r"torch\.onnx\.export could not export the model"):
         export(tmp_path, model, lars(model))
 
 
@@ -163,23 +167,29 @@ def hooked_parameter() -> torch.nn.Module:
 
 
 def embedding(**options) -> Wrapped:
-    return Wrapped(lambda self, x: self.fc(self.emb((x.abs() * 3).long()).sum(1)), emb=torch.nn.Embedding(12, 4, **options))
+    return Wrapped(
+        lambda self, x: self.fc(self.emb((x.abs() * 3).long()).sum(1)),
+        emb=torch.nn.Embedding(12, 4, **options),
+    )
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: Wrapped(lambda self, x: x + (self.fc(x) - x).detach()), r"depends on Tensor.detach\(\) of a value"),
+        (lambda: Wrapped(lambda self, x: x + (self.fc(x) - x).detach()),
+         r"depends on Tensor.detach\(\) of a value"),
         (lambda: Wrapped(no_grad_body), r"depends on linear under torch.no_grad\(\)"),
         (lambda: Wrapped(lambda self, x: self.fc(x) * self.fc.weight.data.sum()), "depends on Tensor.data"),
-        (lambda: Wrapped(lambda self, x: StraightThrough.apply(self.fc(x))), "custom autograd.Function .*StraightThrough"),
+        (lambda: Wrapped(lambda self, x: StraightThrough.apply(self.fc(x))),
+         "custom autograd.Function .*StraightThrough"),
         (hooked_module, "a module has a backward hook"),
         (hooked_parameter, r"parameters \['2.weight'\] have gradient hooks"),
         (lambda: embedding(max_norm=1.0), "nn.Embedding 'emb' has max_norm=1.0: .* Use max_norm=None"),
         (lambda: embedding(scale_grad_by_freq=True), "nn.Embedding 'emb' has scale_grad_by_freq=True"),
         (lambda: embedding(sparse=True), "nn.Embedding 'emb' has sparse=True: .* Use sparse=False"),
         (
-            lambda: Wrapped(lambda self, x: self.fc(self.bag((x.abs() * 3).long())), bag=torch.nn.EmbeddingBag(12, 4)),
+            lambda: Wrapped(lambda self, x: self.fc(self.bag((x.abs() * 3).long())),
+                            bag=torch.nn.EmbeddingBag(12, 4)),
             "nn.EmbeddingBag 'bag' is exported as an ONNX Loop",
         ),
         (
@@ -191,7 +201,9 @@ def embedding(**options) -> Wrapped:
         ),
         (with_ema, r"buffers \['ema'\] change in forward"),
         (
-            lambda: Wrapped(lambda self, x: self.fc(F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True))),
+            lambda: Wrapped(
+                lambda self, x: self.fc(F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True))
+            ),
             "F.batch_norm in training mode with running statistics",
         ),
     ],
@@ -227,13 +239,14 @@ def test_convert_warns_that_it_cannot_see_padding_idx(tmp_path: Path) -> None:
         )
     ort_artifacts.generate_artifacts(
         onnx.load_from_string(buffer.getvalue()), requires_grad=[n for n, _ in model.named_parameters()],
-        loss=ort_artifacts.LossType.MSELoss, optimizer=ort_artifacts.OptimType.SGD, artifact_directory=tmp_path,
+        loss=ort_artifacts.LossType.MSELoss, optimizer=ort_artifacts.OptimType.SGD,
+        artifact_directory=tmp_path,
     )
     training = ir.load(tmp_path / "training_model.onnx")  # before convert_artifacts rewrites it
     with pytest.warns(UserWarning, match=r"\['emb.weight'\] are looked up by Gather .*generate_artifacts"):
         convert_artifacts(tmp_path, lars(model))
     # Told the padding row, the pass still refuses: this exporter did not mark which lookup has it.
-    with pytest.raises(ir.passes.PreconditionError, match="no marked embedding lookup of 'emb.weight'"):
+    with pytest.raises(ir.passes.PreconditionError, match=r"no marked embedding lookup of 'emb\.weight'"):
         EmbeddingPaddingPass({"emb.weight": {0}})(training)
 
 

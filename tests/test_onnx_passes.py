@@ -19,9 +19,14 @@ import lars_fx
 from lars_fx.functional import trust_ratio
 from lars_fx.onnx import convert_artifacts
 from lars_fx.passes.onnx_ir_version import IrVersionPass
-from lars_fx.passes.onnx_lars_gradients import GradientRule, LarsGradientsPass, _Constants, _Symbol, emit_trust_ratio
+from lars_fx.passes.onnx_lars_gradients import (
+    GradientRule,
+    LarsGradientsPass,
+    _Constants,
+    _Symbol,
+    emit_trust_ratio,
+)
 from lars_fx.passes.onnx_momentum_optimizer import MomentumOptimizerPass
-
 
 
 def trust_ratio_session(**options) -> onnxruntime.InferenceSession:
@@ -84,7 +89,9 @@ def stock_artifacts(directory: Path, optimizer, features: int = 6) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("stock", [ort_artifacts.OptimType.SGD, ort_artifacts.OptimType.AdamW], ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "stock", [ort_artifacts.OptimType.SGD, ort_artifacts.OptimType.AdamW], ids=["sgd", "adamw"]
+)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_momentum_optimizer_pass(tmp_path: Path, stock, momentum: float) -> None:
     stock_artifacts(tmp_path, stock)
@@ -109,8 +116,10 @@ def test_momentum_optimizer_pass(tmp_path: Path, stock, momentum: float) -> None
 
 def test_clip_grad_optimizer_is_refused(tmp_path: Path) -> None:
     names = stock_artifacts(tmp_path, onnxblock.optim.AdamW(clip_grad=onnxblock.optim.ClipGradNorm(1.0)))
-    spec = lars_fx.onnx.LarsSpec(lr=0.1, momentum=0.9, params={n: lars_fx.onnx.ParamSpec(lars=True) for n in names})
-    with pytest.raises(ValueError, match="exactly one .* SGDOptimizerV2 or AdamWOptimizer"):
+    spec = lars_fx.onnx.LarsSpec(
+        lr=0.1, momentum=0.9, params={n: lars_fx.onnx.ParamSpec(lars=True) for n in names}
+    )
+    with pytest.raises(ValueError, match=r"exactly one .* SGDOptimizerV2 or AdamWOptimizer"):
         convert_artifacts(tmp_path, spec, output_directory=tmp_path / "out")
 
 
@@ -124,7 +133,9 @@ def test_gradient_pass_rewrites_each_accumulator_and_checks_names(tmp_path: Path
     assert sum(n.op_type == "ReduceL2" for n in model.graph) == 2 * 2  # ||w||, ||g|| of the two weights
     model = ir.load(tmp_path / "training_model.onnx")
     with pytest.raises(ir.passes.PreconditionError, match=r"trainable parameters \['0.bias'\]"):
-        LarsGradientsPass({n: r for n, r in rules.items() if n != "0.bias"}, coefficient=0.001, epsilon=1e-5)(model)
+        LarsGradientsPass({n: r for n, r in rules.items() if n != "0.bias"}, coefficient=0.001, epsilon=1e-5)(
+            model
+        )
     with pytest.raises(ir.passes.PreconditionError, match=r"\['extra'\] have LARS rules"):
         LarsGradientsPass(rules | {"extra": rules["0.bias"]}, coefficient=0.001, epsilon=1e-5)(model)
 
@@ -143,7 +154,9 @@ def test_dumps_before_and_after_each_pass(tmp_path: Path, monkeypatch: pytest.Mo
     names = stock_artifacts(tmp_path / "stock", ort_artifacts.OptimType.AdamW)
     dump = tmp_path / "dump"
     monkeypatch.setenv("LARS_FX_DUMP", str(dump))
-    spec = lars_fx.onnx.LarsSpec(lr=0.1, momentum=0.9, params={n: lars_fx.onnx.ParamSpec(lars=True) for n in names})
+    spec = lars_fx.onnx.LarsSpec(
+        lr=0.1, momentum=0.9, params={n: lars_fx.onnx.ParamSpec(lars=True) for n in names}
+    )
     convert_artifacts(tmp_path / "stock", spec, output_directory=tmp_path / "lars")
     before = dump / "training_model.1.LarsGradientsPass.before.txt"
     after = dump / "training_model.1.LarsGradientsPass.after.txt"

@@ -27,8 +27,9 @@ from lars_fx.onnx import convert_artifacts, generate_artifacts
 STEPS = 10
 RTOL = 1e-5
 
-# The on-device side: onnxruntime-training's API and numpy only, no lars_fx. lr comes from the checkpoint's property,
-# changes where the schedule says, and the run saves (with optimizer state) and reloads at resume_at.
+# The on-device side: onnxruntime-training's API and numpy only, no lars_fx. lr comes from the checkpoint's
+# property, changes where the schedule says, and the run saves (with optimizer state) and reloads at
+# resume_at.
 ORT_TRAIN = r"""
 import json, sys
 import numpy as np
@@ -55,7 +56,8 @@ for step in range(len(lrs)):
         optimizer.set_learning_rate(float(lrs[step]))  # ORT 1.19 restarts at lr 0.001 after a load
     if step > 0 and lrs[step] != lrs[step - 1]:
         optimizer.set_learning_rate(float(lrs[step]))
-    assert abs(optimizer.get_learning_rate() - lrs[step]) <= 1e-7 * lrs[step], (step, optimizer.get_learning_rate())
+    used = optimizer.get_learning_rate()
+    assert abs(used - lrs[step]) <= 1e-7 * lrs[step], (step, used)
     losses.append(float(module(data[f"x{step}"], data[f"t{step}"])))
     optimizer.step()
     module.lazy_reset_grad()
@@ -92,7 +94,9 @@ def lr_schedule(lr: float) -> list[float]:
     return [lr if step < 5 else lr / 3 for step in range(STEPS)]
 
 
-def grouped_lars(model: LayerNormNet, *, lr: float = 0.1, momentum: float = 0.9, **sgd: float) -> lars_fx.LARS:
+def grouped_lars(
+    model: LayerNormNet, *, lr: float = 0.1, momentum: float = 0.9, **sgd: float
+) -> lars_fx.LARS:
     """Two groups: fc1 with weight decay 1e-2, the rest with 3e-3 and twice the lr."""
     first = [(n, p) for n, p in model.named_parameters() if n.startswith("fc1")]
     rest = [(n, p) for n, p in model.named_parameters() if not n.startswith("fc1")]
@@ -111,8 +115,8 @@ def grouped_lars(model: LayerNormNet, *, lr: float = 0.1, momentum: float = 0.9,
 def torch_train(model, optimizer, xs, ts, lrs, loss_fn) -> dict[str, np.ndarray]:
     """``lrs`` are the lrs of param_groups[0]; other groups keep their ratio to it."""
     ratios = [g["lr"] / optimizer.param_groups[0]["lr"] for g in optimizer.param_groups]
-    for x, t, lr in zip(xs, ts, lrs):
-        for group, ratio in zip(optimizer.param_groups, ratios):
+    for x, t, lr in zip(xs, ts, lrs, strict=True):
+        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
         optimizer.zero_grad()
         loss_fn(model(x), t).backward()
@@ -137,7 +141,9 @@ def ort_train_subprocess(directory: Path, xs, ts, lrs, resume_at: int = -1) -> d
         return {name: trained[name] for name in trained.files}
 
 
-def assert_same_params(ort: dict[str, np.ndarray], reference: dict[str, np.ndarray], trained: set[str]) -> None:
+def assert_same_params(
+    ort: dict[str, np.ndarray], reference: dict[str, np.ndarray], trained: set[str]
+) -> None:
     assert trained <= set(ort), sorted(trained - set(ort))
     for name in trained:
         scale = np.abs(reference[name]).max()
@@ -152,23 +158,28 @@ def moved(before: torch.nn.Module, after: dict[str, np.ndarray]) -> None:
 
 
 def test_layernorm_groups_lr_change_and_resume_in_separate_processes(tmp_path: Path) -> None:
-    """The held-out check's shape, run in two fresh processes (the runtime reorders parameters per process)."""
+    """The held-out check's shape, run in two fresh processes (the runtime reorders parameters per
+    process)."""
     torch.manual_seed(1)
     model = LayerNormNet()
     initial = copy.deepcopy(model)
     optimizer = grouped_lars(model)
     assert optimizer.lars_mask(1) == [False, False, True, False]  # LayerNorm.*, fc2.weight, fc2.bias
-    generate_artifacts(model, (torch.randn(8, 12),), optimizer=optimizer, loss="mse", artifact_directory=tmp_path)
+    generate_artifacts(
+        model, (torch.randn(8, 12),), optimizer=optimizer, loss="mse", artifact_directory=tmp_path
+    )
     xs, ts = make_batches(2)
     lrs = lr_schedule(0.1)
     reference = torch_train(model, optimizer, xs, ts, lrs, F.mse_loss)
     moved(initial, reference)
-    for run in range(2):
+    for _ in range(2):
         ort = ort_train_subprocess(tmp_path, xs, ts, lrs, resume_at=6)
         assert_same_params(ort, reference, {n for n, _ in model.named_parameters()})
 
 
-def ort_train(directory: Path, xs, ts, lrs, *, scheduler_steps: int | None = None) -> tuple[dict[str, np.ndarray], list[float]]:
+def ort_train(
+    directory: Path, xs, ts, lrs, *, scheduler_steps: int | None = None
+) -> tuple[dict[str, np.ndarray], list[float]]:
     """In-process ORT training; returns parameters and the lr ORT used at each step."""
     from onnxruntime.training.api import CheckpointState, LinearLRScheduler, Module, Optimizer
 
@@ -178,7 +189,7 @@ def ort_train(directory: Path, xs, ts, lrs, *, scheduler_steps: int | None = Non
     optimizer.set_learning_rate(lrs[0])
     scheduler = LinearLRScheduler(optimizer, 3, scheduler_steps, lrs[0]) if scheduler_steps else None
     used = []
-    for step, (x, t) in enumerate(zip(xs, ts)):
+    for step, (x, t) in enumerate(zip(xs, ts, strict=True)):
         if scheduler is None and step > 0 and lrs[step] != lrs[step - 1]:
             optimizer.set_learning_rate(lrs[step])
         used.append(optimizer.get_learning_rate())
@@ -208,7 +219,9 @@ def test_export_after_torch_steps_carries_momentum_and_dampening(tmp_path: Path)
 def test_lr_scheduler_drives_the_exported_optimizer(tmp_path: Path) -> None:
     torch.manual_seed(6)
     model = LayerNormNet()
-    optimizer = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.8, weight_decay=1e-3))
+    optimizer = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.05, momentum=0.8, weight_decay=1e-3)
+    )
     generate_artifacts(model, torch.randn(8, 12), optimizer=optimizer, artifact_directory=tmp_path)
     xs, ts = make_batches(7)
     ort, used = ort_train(tmp_path, xs, ts, [0.05] * STEPS, scheduler_steps=STEPS)
@@ -234,7 +247,9 @@ def test_variants_cross_entropy(tmp_path: Path, options: dict) -> None:
         model.fc2.weight[:] = 0  # ||w|| = 0: MindSpore's trust ratio gives 0, the unit variant 1
     base = torch.optim.SGD(model.named_parameters(), lr=0.2, weight_decay=5e-3, **options)
     optimizer = lars_fx.LARS(base, unit_trust_on_zero_norm=unit, coefficient=0.01)
-    generate_artifacts(model, (torch.randn(8, 12),), optimizer=optimizer, loss="cross_entropy", artifact_directory=tmp_path)
+    generate_artifacts(
+        model, (torch.randn(8, 12),), optimizer=optimizer, loss="cross_entropy", artifact_directory=tmp_path
+    )
     xs, ts = make_batches(9, classes=True)
     lrs = lr_schedule(0.2)
     ort, _ = ort_train(tmp_path, xs, ts, lrs)
@@ -258,13 +273,15 @@ def test_custom_losses_and_frozen_parameters(tmp_path: Path) -> None:
     xs, ts = make_batches(11)
     lrs = lr_schedule(0.1)
     frozen_value = model.LayerNorm.weight.detach().numpy().copy()
-    for loss, torch_loss, name in [(mse_plus_l1, mse_plus_l1, "callable"), (onnxblock.loss.L1Loss(), F.l1_loss, "block")]:
+    for loss, torch_loss, name in [
+        (mse_plus_l1, mse_plus_l1, "callable"),
+        (onnxblock.loss.L1Loss(), F.l1_loss, "block"),
+    ]:
         copy_ = copy.deepcopy(model)
         optimizer = make_lars(copy_)
         directory = tmp_path / name
-        generate_artifacts(
-            copy_, (xs[0],), optimizer=optimizer, loss=loss, artifact_directory=directory, example_target=ts[0]
-        )
+        generate_artifacts(copy_, (xs[0],), optimizer=optimizer, loss=loss, artifact_directory=directory,
+                           example_target=ts[0])
         reference = torch_train(copy_, optimizer, xs, ts, lrs, torch_loss)
         ort, _ = ort_train(directory, xs, ts, lrs)
         assert_same_params(ort, reference, trained)
@@ -286,7 +303,8 @@ def test_convert_stock_adamw_artifacts(tmp_path: Path) -> None:
         torch.onnx.export(
             model, (torch.randn(8, 12),), buffer, dynamo=False, opset_version=14,
             training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
-            input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
+            input_names=["input"], output_names=["output"],
+            dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
         )
     ort_artifacts.generate_artifacts(
         onnx.load_from_string(buffer.getvalue()),
@@ -337,7 +355,8 @@ class PaddedLookups(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.words(ids) + self.kinds(ids) + self.plain(ids)
-        h = h + F.embedding(ids, self.extra, padding_idx=2) + F.embedding(ids.flip(1), self.extra, padding_idx=11)
+        h = h + F.embedding(ids, self.extra, padding_idx=2)
+        h = h + F.embedding(ids.flip(1), self.extra, padding_idx=11)
         h = h + F.embedding(ids, self.extra)
         return self.fc(torch.tanh(h)).mean(dim=1)
 
@@ -351,7 +370,9 @@ def test_embedding_padding_rows_get_no_gradient(tmp_path: Path) -> None:
     no_decay = [(n, named[n]) for n in ("words.weight",)]
     rest = [(n, p) for n, p in model.named_parameters() if n != "words.weight"]
     base = torch.optim.SGD(
-        [{"params": no_decay, "weight_decay": 0.0}, {"params": rest, "weight_decay": 1e-2}], lr=0.5, momentum=0.9
+        [{"params": no_decay, "weight_decay": 0.0}, {"params": rest, "weight_decay": 1e-2}],
+        lr=0.5,
+        momentum=0.9,
     )
     optimizer = lars_fx.LARS(base, coefficient=0.02)
     xs, ts = token_batches(21, outputs=3)
@@ -386,8 +407,12 @@ def test_tied_weights_sum_their_gradients_and_keep_the_padding_rule(tmp_path: Pa
     torch.manual_seed(22)
     model = TiedLanguageModel()
     initial = copy.deepcopy(model)
-    assert [n for n, _ in model.named_parameters()] == ["words.weight", "norm.weight", "norm.bias", "head.bias"]
-    optimizer = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3))
+    assert [n for n, _ in model.named_parameters()] == [
+        "words.weight", "norm.weight", "norm.bias", "head.bias"
+    ]
+    optimizer = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    )
     xs, ts = token_batches(23, outputs=VOCAB)
     generate_artifacts(model, (xs[0],), optimizer=optimizer, artifact_directory=tmp_path)
     lrs = lr_schedule(0.5)
@@ -413,7 +438,9 @@ class FrozenBackbone(torch.nn.Module):
 def test_gradient_stops_without_trained_parameters_behind_them_export(tmp_path: Path) -> None:
     torch.manual_seed(24)
     model = FrozenBackbone()
-    optimizer = lars_fx.LARS(torch.optim.SGD(model.head.named_parameters(prefix="head"), lr=0.1, momentum=0.9))
+    optimizer = lars_fx.LARS(
+        torch.optim.SGD(model.head.named_parameters(prefix="head"), lr=0.1, momentum=0.9)
+    )
     generate_artifacts(model, (torch.randn(8, 12),), optimizer=optimizer, artifact_directory=tmp_path)
     xs, ts = make_batches(25)
     lrs = lr_schedule(0.1)

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from lars_modes import lars_step_in_mode
 from torch import Tensor, nn
 
 import lars_fx
 from lars_fx import functional as F
+from lars_modes import lars_step_in_mode
 
 MODES = ("foreach", "per_tensor", "fused")
 SGD_OPTIONS = dict(lr=0.2, momentum=0.9, weight_decay=1e-3)
@@ -55,13 +55,15 @@ def step_both(pairs: list[tuple[nn.Module, torch.optim.Optimizer]], steps: range
             opt.step()
 
 
-def assert_same_run(a: tuple[nn.Module, torch.optim.Optimizer], b: tuple[nn.Module, torch.optim.Optimizer]) -> None:
+def assert_same_run(
+    a: tuple[nn.Module, torch.optim.Optimizer], b: tuple[nn.Module, torch.optim.Optimizer]
+) -> None:
     """Bitwise the same, but for a fused step starting afresh: it computes the weight norms that a running one
     carries from its last update loop (another summation order: float32 rounding apart)."""
     (model_a, opt_a), (model_b, opt_b) = a, b
     fused = getattr(opt_a, "fused", False) and opt_a.carry_weight_norms
     tolerance = dict(rtol=1e-6, atol=1e-7) if fused else dict(rtol=0, atol=0)
-    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
         torch.testing.assert_close(p, q, **tolerance, msg=name)
         buf_a = opt_a.state[p].get("momentum_buffer")
         buf_b = opt_b.state[q].get("momentum_buffer")
@@ -75,7 +77,7 @@ def reference_after(model: nn.Module, grads_per_step: list[list[Tensor]], lrs: l
     """Float64 copies of ``model``'s parameters after replaying ``grads_per_step`` on the reference."""
     params = [p.detach().double().clone() for p in model.parameters()]
     buffers: list[Tensor | None] = [None] * len(params)
-    for grads, lr in zip(grads_per_step, lrs):
+    for grads, lr in zip(grads_per_step, lrs, strict=True):
         buffers = F.lars_sgd_reference(params, [g.double() for g in grads], buffers, mask, lr=lr, **options)
     return params
 
@@ -84,7 +86,8 @@ REFERENCE_OPTIONS = dict(momentum=0.9, weight_decay=1e-3, **LARS_OPTIONS)
 
 
 def moved(before: list[Tensor], model: nn.Module) -> list[str]:
-    return [name for (name, p), b in zip(model.named_parameters(), before) if not torch.equal(p, b)]
+    pairs = zip(model.named_parameters(), before, strict=True)
+    return [name for (name, p), b in pairs if not torch.equal(p, b)]
 
 
 def causes(error: BaseException) -> list[BaseException]:
@@ -113,7 +116,9 @@ def test_a_copy_steps_like_the_original(mode, copier):
     assert [opt.lars_mask(i) for i in range(len(opt.param_groups))] == [
         original[1].lars_mask(i) for i in range(len(original[1].param_groups))
     ]
-    assert (opt.coefficient, opt.use_clip, opt.fused, opt.foreach) == (0.05, True, mode == "fused", mode != "per_tensor")
+    assert (opt.coefficient, opt.use_clip, opt.fused, opt.foreach) == (
+        0.05, True, mode == "fused", mode != "per_tensor"
+    )
     step_both([original, twin], range(2, 5))
     assert_same_run(original, twin)
 
@@ -133,7 +138,7 @@ def test_a_copy_over_adam_steps_like_the_original():
     step_both([original], range(2))
     twin = pickle.loads(pickle.dumps(original))
     step_both([original, twin], range(2, 4))
-    for p, q in zip(original[0].parameters(), twin[0].parameters()):
+    for p, q in zip(original[0].parameters(), twin[0].parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -148,7 +153,7 @@ def assert_same_structure(a: Any, b: Any, where: str = "state_dict") -> None:
             assert_same_structure(a[key], b[key], f"{where}[{key!r}]")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for k, (x, y) in enumerate(zip(a, b)):
+        for k, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_structure(x, y, f"{where}[{k}]")
     elif isinstance(a, Tensor):
         assert torch.equal(a, b), where
@@ -180,15 +185,15 @@ def test_state_dict_loads_into_plain_sgd_and_back(mode):
     step_both([(model, opt)], range(3))
     sgd = torch.optim.SGD(copy.deepcopy(model).named_parameters(), **SGD_OPTIONS)
     sgd.load_state_dict(copy.deepcopy(opt.state_dict()))
-    for p, q in zip(model.parameters(), sgd.param_groups[0]["params"]):
+    for p, q in zip(model.parameters(), sgd.param_groups[0]["params"], strict=True):
         assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
 
     # A plain SGD state dict (what an older lars-fx, or a run without LARS, saved) loads into a LARS
     # and the LARS keeps its own options.
     plain = copy.deepcopy(sgd.state_dict())
     twin_model = copy.deepcopy(model)
-    twin = lars_fx.LARS(torch.optim.SGD(twin_model.named_parameters(), **SGD_OPTIONS), foreach=mode != "per_tensor",
-                        fused=mode == "fused", **LARS_OPTIONS)
+    twin = lars_fx.LARS(torch.optim.SGD(twin_model.named_parameters(), **SGD_OPTIONS),
+                        foreach=mode != "per_tensor", fused=mode == "fused", **LARS_OPTIONS)
     twin.load_state_dict(plain)
     assert (twin.coefficient, twin.use_clip) == (0.05, True)
     step_both([(model, opt), (twin_model, twin)], range(3, 6))
@@ -205,8 +210,8 @@ def test_older_state_dict_without_our_keys(mode):
     older = {"state": saved["state"], "param_groups": [{k: v for k, v in g.items() if k in sgd_keys}
                                                         for g in saved["param_groups"]]}
     twin_model = copy.deepcopy(model)
-    twin = lars_fx.LARS(torch.optim.SGD(twin_model.named_parameters(), **SGD_OPTIONS), foreach=mode != "per_tensor",
-                        fused=mode == "fused", **LARS_OPTIONS)
+    twin = lars_fx.LARS(torch.optim.SGD(twin_model.named_parameters(), **SGD_OPTIONS),
+                        foreach=mode != "per_tensor", fused=mode == "fused", **LARS_OPTIONS)
     twin.load_state_dict(older)
     step_both([(model, opt), (twin_model, twin)], range(3, 6))
     assert_same_run((model, opt), (twin_model, twin))
@@ -241,7 +246,8 @@ def test_step_hooks_fire_once_per_step(optimizer, mode):
 # -- tensor lr of every shape torch.optim.SGD takes ----------------------------------------------------------
 
 
-TENSOR_LR_OPTIONS = {  # where the lr meets the other options: the clip's coeff / lr, nesterov, lr inside momentum
+# where the lr meets the other options: the clip's coeff / lr, nesterov, lr inside momentum
+TENSOR_LR_OPTIONS = {
     "clip-nesterov": (dict(nesterov=True), dict(use_clip=True)),
     "lr_inside_momentum-dampening": (dict(dampening=0.2), dict(lr_inside_momentum=True)),
 }
@@ -270,17 +276,19 @@ def test_tensor_lr_of_every_shape(mode, options, shape):
     assert opt.param_groups[0]["lr"].shape == shape
     expected = reference_after(start, grads, lrs, opt.lars_mask(0), momentum=0.9, weight_decay=1e-3,
                                coefficient=0.05, **sgd_options, **{"use_clip": False, **lars_options})
-    for (name, p), want in zip(model.named_parameters(), expected):
+    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
         assert p.shape == want.shape, name
         torch.testing.assert_close(p.detach().double(), want, rtol=2e-5, atol=2e-6, msg=name)
 
 
-# -- steps without gradients, and with zero gradients ----------------------------------------------------------
+# -- steps without gradients, and with zero gradients --------------------------------------------------------
 
 
 @pytest.mark.parametrize("optimizer,mode", [(torch.optim.SGD, m) for m in MODES] + [
     (torch.optim.Adam, "foreach"), (torch.optim.Adam, "per_tensor")])
-@pytest.mark.parametrize("extra", [{}, dict(skip_nonfinite=True), dict(telemetry=True)], ids=["", "skip", "telemetry"])
+@pytest.mark.parametrize(
+    "extra", [{}, dict(skip_nonfinite=True), dict(telemetry=True)], ids=["", "skip", "telemetry"]
+)
 def test_a_step_without_gradients_moves_nothing(optimizer, mode, extra):
     model, opt = make(mode, optimizer, **extra)
     before = [p.detach().clone() for p in model.parameters()]
@@ -318,11 +326,11 @@ def test_zero_gradients_step_as_the_reference_says(mode, unit):
         opt.step()
     expected = reference_after(start, grads, [0.2] * 4, opt.lars_mask(0), unit_trust_on_zero_norm=unit,
                                **REFERENCE_OPTIONS)
-    for (name, p), want in zip(model.named_parameters(), expected):
+    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach().double(), want, rtol=2e-5, atol=2e-6, msg=name)
 
 
-# -- a parameter added to a group behind the wrapper's back ---------------------------------------------------
+# -- a parameter added to a group behind the wrapper's back --------------------------------------------------
 
 
 @pytest.mark.parametrize("with_name", [True, False], ids=["named", "unnamed"])
@@ -343,7 +351,9 @@ def test_a_parameter_appended_to_a_group_is_stepped_or_refused(mode, with_name):
         opt.step()
     except (ValueError, RuntimeError, KeyError, IndexError) as error:
         assert "param" in str(error), f"the refusal does not say what is wrong: {error}"
-        assert torch.equal(extra.double(), before) and moved(others, model) == [], "refused after moving numbers"
+        assert torch.equal(extra.double(), before) and moved(others, model) == [], (
+            "refused after moving numbers"
+        )
         return
     use_lars = opt.lars_mask(0)[-1]
     assert use_lars or not with_name, "the default filter gives extra.weight LARS"
@@ -352,7 +362,7 @@ def test_a_parameter_appended_to_a_group_is_stepped_or_refused(mode, with_name):
     torch.testing.assert_close(extra.detach().double(), want[0], rtol=2e-5, atol=2e-6)
 
 
-# -- bad hyperparameters set after construction ---------------------------------------------------------------
+# -- bad hyperparameters set after construction --------------------------------------------------------------
 
 BAD_GROUP_VALUES = [
     ("lr", math.nan), ("lr", -0.1), ("lr", math.inf), ("weight_decay", math.nan), ("weight_decay", -1e-3),
@@ -398,7 +408,7 @@ def test_bad_group_hyperparameters_are_refused_under_compile(mode, key, value):
     assert moved(before, model) == []
 
 
-# -- what every mode refuses alike: complex, sparse, meta ------------------------------------------------------
+# -- what every mode refuses alike: complex, sparse, meta ----------------------------------------------------
 
 ALL_MODES = (*MODES, "compiled_step", "backend")
 
@@ -415,10 +425,16 @@ def test_complex_parameters_are_refused_alike(mode):
     before = w.detach().clone()
     with pytest.raises(Exception) as caught:
         step()
-    errors = [e for e in causes(caught.value) if isinstance(e, (ValueError, TypeError)) and "complex" in str(e)]
+    errors = [
+        e for e in causes(caught.value) if isinstance(e, (ValueError, TypeError)) and "complex" in str(e)
+    ]
     assert errors, f"no clear error about the complex parameter: {caught.value!r}"
-    assert " w" in str(errors[0]) or "'w'" in str(errors[0]), f"the error does not name the parameter: {errors[0]}"
-    assert "sparse" not in str(errors[0]) and "embedding" not in str(errors[0]), f"a hint for sparse: {errors[0]}"
+    assert " w" in str(errors[0]) or "'w'" in str(errors[0]), (
+        f"the error does not name the parameter: {errors[0]}"
+    )
+    assert "sparse" not in str(errors[0]) and "embedding" not in str(errors[0]), (
+        f"a hint for sparse: {errors[0]}"
+    )
     assert torch.equal(w.detach(), before)
 
 
@@ -430,7 +446,9 @@ def test_sparse_gradients_are_refused_alike(mode):
     before = emb.weight.detach().clone()
     with pytest.raises(Exception) as caught:
         step()
-    errors = [e for e in causes(caught.value) if isinstance(e, (ValueError, TypeError)) and "sparse" in str(e)]
+    errors = [
+        e for e in causes(caught.value) if isinstance(e, (ValueError, TypeError)) and "sparse" in str(e)
+    ]
     assert errors, f"no clear error about the sparse gradient: {caught.value!r}"
     assert torch.equal(emb.weight.detach(), before)
 
@@ -440,7 +458,7 @@ def _step_without_data(step: Callable[[], Any], w: nn.Parameter, kind: str) -> N
         w.grad = torch.empty_like(w)
         try:
             step()
-        except Exception as error:  # noqa: BLE001 - what it is decides the verdict
+        except Exception as error:  # what it is decides the verdict
             clear = [e for e in causes(error) if isinstance(e, (ValueError, TypeError, NotImplementedError))
                      and kind in str(e).lower()]
             assert clear, f"the {kind} parameter crashed the step without a clear error: {error!r}"
@@ -448,7 +466,9 @@ def _step_without_data(step: Callable[[], Any], w: nn.Parameter, kind: str) -> N
 
 
 # torch.compile(sgd.step) itself crashes on meta tensors, hence no compiled_step here.
-@pytest.mark.parametrize("mode,kind", [(m, k) for m in MODES for k in ("meta", "fake")] + [("backend", "meta")])
+@pytest.mark.parametrize(
+    "mode,kind", [(m, k) for m in MODES for k in ("meta", "fake")] + [("backend", "meta")]
+)
 def test_parameters_without_data_step_or_are_refused_clearly(mode, kind):
     """Parameters on the meta device or FakeTensors (no data): the step runs as a shape-only computation, or a
     clear error says what to do; never a crash deep inside Inductor."""

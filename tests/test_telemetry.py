@@ -165,7 +165,7 @@ def recorded() -> Telemetry:
     torch.manual_seed(3)
     model = Net()
     opt = _optimizer(model, telemetry=True)
-    for step in range(6):
+    for _ in range(6):
         model.zero_grad()
         model(torch.randn(8, 6)).pow(2).mean().backward()
         opt.step()
@@ -199,7 +199,10 @@ def test_fused_path_records_the_same_values():
     torch.manual_seed(4)
     eager_model, fused_model = Net(), Net()
     fused_model.load_state_dict(eager_model.state_dict())
-    eager, fused = _optimizer(eager_model, telemetry=True), _optimizer(fused_model, telemetry=True, fused=True)
+    eager, fused = (
+        _optimizer(eager_model, telemetry=True),
+        _optimizer(fused_model, telemetry=True, fused=True),
+    )
     for step in range(3):
         for model, opt in ((eager_model, eager), (fused_model, fused)):
             torch.manual_seed(100 + step)
@@ -208,7 +211,7 @@ def test_fused_path_records_the_same_values():
             opt.step()
     got, want = fused.telemetry.to_records(), eager.telemetry.to_records()
     assert [(r["step"], r["param"]) for r in got] == [(r["step"], r["param"]) for r in want]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert (g["w_norm"], g["g_norm"], g["trust_ratio"]) == pytest.approx(
             (w["w_norm"], w["g_norm"], w["trust_ratio"]), rel=1e-5
         )
@@ -231,7 +234,7 @@ def test_compiled_step_records_without_recompiling(tmp_path, monkeypatch):
     compiled_step = torch.compile(opts[0].step, backend=counter)
     gen = torch.Generator().manual_seed(3)
     for _ in range(5):
-        for p, q in zip(model.parameters(), eager_model.parameters()):
+        for p, q in zip(model.parameters(), eager_model.parameters(), strict=True):
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad.clone()
         compiled_step()
@@ -240,5 +243,5 @@ def test_compiled_step_records_without_recompiling(tmp_path, monkeypatch):
     assert counter.frame_count <= 2  # the record call is a graph break, not a recompile per step
     compiled, eager = (opt.telemetry.to_records() for opt in opts)
     assert [r["step"] for r in compiled] == [r["step"] for r in eager] and len(compiled) == 5 * 2
-    for c, e in zip(compiled, eager):
+    for c, e in zip(compiled, eager, strict=True):
         assert c["param"] == e["param"] and c["trust_ratio"] == pytest.approx(e["trust_ratio"], rel=1e-5)

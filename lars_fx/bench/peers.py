@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+from torch import Tensor
 from torch.optim import SGD, Optimizer
 from torch.optim.optimizer import ParamsT
 
@@ -70,7 +71,9 @@ class TimmLars(Optimizer):
                 if weight_decay != 0 or group["always_adapt"]:
                     w_norm = p.norm(2.0)
                     g_norm = grad.norm(2.0)
-                    trust_ratio = group["trust_coeff"] * w_norm / (g_norm + w_norm * weight_decay + group["eps"])
+                    trust_ratio = (
+                        group["trust_coeff"] * w_norm / (g_norm + w_norm * weight_decay + group["eps"])
+                    )
                     trust_ratio = torch.where(w_norm > 0, torch.where(g_norm > 0, trust_ratio, 1.0), 1.0)
                     if group["trust_clip"]:
                         trust_ratio = torch.clamp(trust_ratio / group["lr"], max=1.0)
@@ -104,15 +107,16 @@ class Peer:
     writes_grads: bool = False  # scales .grad in place: gets gradients of its own
 
 
-def lars_mask(named: NamedParams) -> list[bool]:
+def lars_mask(named: Sequence[tuple[str, Tensor]]) -> list[bool]:
     return [default_lars_filter(ParamInfo(name, p, 0, i)) for i, (name, p) in enumerate(named)]
 
 
 def _timm_lars(named: NamedParams) -> TimmLars:
     mask = lars_mask(named)
     groups = [
-        {"params": [p for (_, p), lars in zip(named, mask) if lars], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for (_, p), lars in zip(named, mask) if not lars], "weight_decay": 0.0},
+        {"params": [p for (_, p), lars in zip(named, mask, strict=True) if lars],
+         "weight_decay": WEIGHT_DECAY},
+        {"params": [p for (_, p), lars in zip(named, mask, strict=True) if not lars], "weight_decay": 0.0},
     ]
     return TimmLars([g for g in groups if g["params"]], lr=LR, momentum=MOMENTUM)
 
@@ -127,7 +131,7 @@ def _fused_lars(named: NamedParams, **options) -> Step:
 
     def step() -> None:
         lars.step()
-        fallback = getattr(lars._fused_step, "fallback", None)
+        fallback = getattr(lars.fused_step, "fallback", None)
         if fallback:
             raise RuntimeError(f"fused step fell back to eager LARS: {fallback}")
 
@@ -175,7 +179,9 @@ PEERS: dict[str, Peer] = {
             cuda_only=True,
             writes_grads=True,
         ),
-        Peer("lars_loop", "LARS(foreach=False), per-tensor eager", lambda n: LARS(_sgd(n), foreach=False).step),
+        Peer(
+            "lars_loop", "LARS(foreach=False), per-tensor eager", lambda n: LARS(_sgd(n), foreach=False).step
+        ),
         Peer("lars_foreach", "LARS (foreach), eager", lambda n: LARS(_sgd(n)).step),
         Peer(
             "lars_foreach_cudagraph",

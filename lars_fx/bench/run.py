@@ -6,13 +6,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..functional import LarsOptions
 from .peers import LR, MOMENTUM, PEERS, WEIGHT_DECAY, NamedParams, Peer, Step, available_peers, lars_mask
 from .shapes import MODELS, ParamShape
 
@@ -76,7 +77,8 @@ def _warm_up(step: Step, device: torch.device, steps: int) -> list[float]:
 
 
 class _StepTimes:
-    """Times single steps: with CUDA events read once at the end (no sync between steps), or the host clock."""
+    """Times single steps: with CUDA events read once at the end (no sync between steps), or the host
+    clock."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -130,7 +132,9 @@ def _time_interleaved(
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _make_params(shapes: Sequence[ParamShape], device: torch.device, grads: Sequence[Tensor] | None = None) -> NamedParams:
+def _make_params(
+    shapes: Sequence[ParamShape], device: torch.device, grads: Sequence[Tensor] | None = None
+) -> NamedParams:
     """Fresh parameters; their ``.grad`` are ``grads`` when given, fresh tensors otherwise."""
     named = []
     for index, (name, shape) in enumerate(shapes):
@@ -146,6 +150,7 @@ def _fill_random(named: NamedParams, device: torch.device, seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     for _, param in named:
         param.normal_(0.0, 0.05, generator=generator)
+        assert param.grad is not None  # _make_params gives every parameter one
         param.grad.normal_(0.0, 1e-3, generator=generator)
 
 
@@ -254,7 +259,8 @@ def run_benchmark(
     report_progress = progress or (lambda message: None)
 
     shared_grads = [torch.empty(shape, device=resolved) for _, shape in shapes]
-    named = [(name, grad) for (name, _), grad in zip(shapes, shared_grads)]  # names and sizes, for the report
+    # names and sizes, for the report
+    named = [(name, grad) for (name, _), grad in zip(shapes, shared_grads, strict=True)]
     num_params = sum(g.numel() for g in shared_grads)
     copy, copy_bytes = _copy_step(resolved)
     _warm_up(copy, resolved, 2)
@@ -284,7 +290,10 @@ def run_benchmark(
         torch._dynamo.reset()
     failures.update(timing_failures)
     copy_gbs = copy_bytes / (statistics.median(step_ms.pop("copy")) * 1e-3) / 1e9
-    rows = [_row(peer, step_ms.get(peer.key), warmup_s.get(peer.key), failures.get(peer.key, "")) for peer in selected]
+    rows = [
+        _row(peer, step_ms.get(peer.key), warmup_s.get(peer.key), failures.get(peer.key, ""))
+        for peer in selected
+    ]
     _fill_ratios(rows, num_params, copy_gbs)
     return BenchReport(
         model=model,
@@ -315,8 +324,8 @@ def _spread_warnings(rows: Sequence[BenchRow]) -> list[str]:
     if not noisy:
         return []
     return [
-        f"- **unreliable timings**: the spread (IQR) exceeds the median for {', '.join(noisy)}; the machine was "
-        "probably busy: rerun on an idle machine, or with more --iters"
+        (f"- **unreliable timings**: the spread (IQR) exceeds the median for {', '.join(noisy)}; the machine "
+         "was probably busy: rerun on an idle machine, or with more --iters")
     ]
 
 
@@ -327,22 +336,24 @@ def format_markdown(report: BenchReport, notes: Sequence[str] = ()) -> str:
         "",
         f"- date: {report.date}",
         f"- machine: {report.machine}; device: {report.device_name}",
-        f"- shapes: {report.num_tensors} fp32 tensors ({report.num_lars_tensors} under LARS's default filter), "
-        f"{report.num_params:,} parameters",
-        f"- step: lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY}; LARS coefficient 0.001",
-        f"- timing: median of {report.iters} steps after {report.warmup} warmup steps, the peers interleaved "
-        "(one step each per round); "
-        "compile s = what the warmup steps took above the median; × columns = this row's time over the "
-        "reference's (> 1: slower)",
-        f"- copy bandwidth: {report.copy_gbs:.1f} GB/s (a large copy_ timed in the same rounds, read + write); "
-        f"floor at {BYTES_PER_PARAM} B/param: "
-        f"{report.floor_ms:.3f} ms; GB/s = {BYTES_PER_PARAM} B/param over the row's time for every row (the "
-        "bytes a LARS step moves without carried norms: the norms read w and g, the update reads w, g, v and "
-        "writes w, v), although SGD moves 20 and LARS with carried weight norms 24",
+        (f"- shapes: {report.num_tensors} fp32 tensors ({report.num_lars_tensors} under LARS's default "
+         f"filter), {report.num_params:,} parameters"),
+        (f"- step: lr={LR}, momentum={MOMENTUM}, weight_decay={WEIGHT_DECAY}; LARS coefficient "
+         f"{LarsOptions().coefficient}"),
+        (f"- timing: median of {report.iters} steps after {report.warmup} warmup steps, the peers "
+         "interleaved (one step each per round); "
+         "compile s = what the warmup steps took above the median; × columns = this row's time over the "
+         "reference's (> 1: slower)"),
+        (f"- copy bandwidth: {report.copy_gbs:.1f} GB/s (a large copy_ timed in the same rounds, read + "
+         f"write); floor at {BYTES_PER_PARAM} B/param: "
+         f"{report.floor_ms:.3f} ms; GB/s = {BYTES_PER_PARAM} B/param over the row's time for every row "
+         "(the bytes a LARS step moves without carried norms: the norms read w and g, the update reads w, g, "
+         "v and writes w, v), although SGD moves 20 and LARS with carried weight norms 24"),
         *(f"- {note}" for note in notes),
         *_spread_warnings(report.rows),
         "",
-        "| peer | median ms | IQR ms | compile s | × compiled SGD | × fused LARS | GB/s | % of copy BW | note |",
+        ("| peer | median ms | IQR ms | compile s | × compiled SGD | × fused LARS | GB/s | % of copy BW "
+         "| note |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report.rows:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
+
 
 class ParamShape(NamedTuple):
     name: str
@@ -13,7 +15,7 @@ def resnet50_shapes() -> list[ParamShape]:
     """torchvision's ResNet-50: 161 tensors, 25,557,032 parameters."""
     shapes = [ParamShape("conv1.weight", (64, 3, 7, 7)), *_norm("bn1", 64)]
     inplanes = 64
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), start=1):
         for block in range(blocks):
             prefix = f"layer{stage}.{block}"
             width = planes * 4

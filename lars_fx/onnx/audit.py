@@ -60,25 +60,26 @@ class GradientAudit(TorchFunctionMode):
         self._output_cut: str | None = None
         self._custom_functions: list[str] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding:
             args, kwargs = self._embedding(args, kwargs)
         elif func is torch.embedding and _aten_padding_idx(args, kwargs) >= 0:
             self.refusals.append(
-                f"torch.embedding(..., padding_idx={_aten_padding_idx(args, kwargs)}) is called directly; the export "
-                "keeps padding_idx for F.embedding and nn.Embedding. Call F.embedding"
+                f"torch.embedding(..., padding_idx={_aten_padding_idx(args, kwargs)}) is called directly; "
+                "the export keeps padding_idx for F.embedding and nn.Embedding. Call F.embedding"
             )
         elif func is F.embedding_bag:
             self.refusals.append(
                 f"{self._owner(args[1] if len(args) > 1 else kwargs.get('weight'), 'nn.EmbeddingBag')} is "
-                "exported as an ONNX Loop, whose gradient ONNX Runtime 1.19 cannot build. Use nn.Embedding and "
-                "reduce the bag yourself (e.g. .sum(dim=1), .mean(dim=1) or .amax(dim=1))"
+                "exported as an ONNX Loop, whose gradient ONNX Runtime 1.19 cannot build. Use nn.Embedding "
+                "and reduce the bag yourself (e.g. .sum(dim=1), .mean(dim=1) or .amax(dim=1))"
             )
         elif func is F.batch_norm and _batch_norm_tracks_stats(args, kwargs):
             self.refusals.append(
                 "F.batch_norm in training mode with running statistics cannot be exported for on-device "
-                "training: ORT's training graph does not update running_mean/running_var. Use LayerNorm or GroupNorm"
+                "training: ORT's training graph does not update running_mean/running_var. Use LayerNorm or "
+                "GroupNorm"
             )
         if self._buffers and (buffer := self._buffers.get(id(_written_tensor(func, args, kwargs)))):
             self._changed_buffers.append(buffer)
@@ -101,8 +102,12 @@ class GradientAudit(TorchFunctionMode):
         """Called with the traced forward's result (inside the trace, before its tensors are freed)."""
         tensors = list(_tensors(output))
         self._output_cut = next((cut for t in tensors if (cut := self._cut_of(t)) is not None), None)
-        self._custom_functions = sorted(_custom_functions(t.grad_fn for t in tensors if t.grad_fn is not None))
-        self._changed_buffers += [name for name, b in self._model.named_buffers() if id(b) not in self._buffers]
+        self._custom_functions = sorted(
+            _custom_functions(t.grad_fn for t in tensors if t.grad_fn is not None)
+        )
+        self._changed_buffers += [
+            name for name, b in self._model.named_buffers() if id(b) not in self._buffers
+        ]
 
     def check(self) -> dict[str, set[int]]:
         """Raise ValueError for what cannot be exported exactly; else the padding rows of the trained
@@ -110,18 +115,19 @@ class GradientAudit(TorchFunctionMode):
         refusals = list(dict.fromkeys(self.refusals))
         if self._changed_buffers:
             refusals.append(
-                f"buffers {sorted(set(self._changed_buffers))} change in forward (written in place or replaced): torch "
-                "carries that state from step to step, while the exported graph holds their values at export, which "
-                "ONNX Runtime never updates. Keep that state out of the model's forward"
+                f"buffers {sorted(set(self._changed_buffers))} change in forward (written in place or "
+                "replaced): torch carries that state from step to step, while the exported graph holds their "
+                "values at export, which ONNX Runtime never updates. Keep that state out of the model's "
+                "forward"
             )
         if self._custom_functions:  # a Function's forward runs under no_grad: its stops are its own
             refusals += [_custom_function_refusal(name) for name in self._custom_functions]
         elif self._output_cut is not None:
             refusals.append(
-                f"the model's output depends on {self._output_cut} of a value computed from trained parameters: "
-                "torch's gradient stops there, but the ONNX export drops the stop and ONNX Runtime would "
-                "differentiate through it. Remove the stop, or freeze the parameters behind it (keep them out of "
-                "the optimizer or set requires_grad=False)"
+                f"the model's output depends on {self._output_cut} of a value computed from trained "
+                "parameters: torch's gradient stops there, but the ONNX export drops the stop and ONNX "
+                "Runtime would differentiate through it. Remove the stop, or freeze the parameters behind it "
+                "(keep them out of the optimizer or set requires_grad=False)"
             )
         if refusals:
             raise ValueError("; ".join(refusals))
@@ -139,28 +145,29 @@ class GradientAudit(TorchFunctionMode):
         owner = self._owner(weight, "nn.Embedding")
         if call["max_norm"] is not None:
             self.refusals.append(
-                f"{owner} has max_norm={call['max_norm']}: torch renormalises the looked-up rows of the weight in "
-                "place in every forward, which the ONNX export drops. Use max_norm=None"
+                f"{owner} has max_norm={call['max_norm']}: torch renormalises the looked-up rows of the "
+                "weight in place in every forward, which the ONNX export drops. Use max_norm=None"
             )
         trained = id(weight) in self._trained if name is not None else weight.requires_grad
         if not trained:
             return args, kwargs
         if call["scale_grad_by_freq"]:
             self.refusals.append(
-                f"{owner} has scale_grad_by_freq=True: ONNX Runtime's gradient of Gather does not divide by the "
-                "frequency of each index in the batch. Use scale_grad_by_freq=False"
+                f"{owner} has scale_grad_by_freq=True: ONNX Runtime's gradient of Gather does not divide by "
+                "the frequency of each index in the batch. Use scale_grad_by_freq=False"
             )
         if call["sparse"]:
             self.refusals.append(
-                f"{owner} has sparse=True: its gradient is sparse in torch, which lars_fx.LARS refuses (the trust "
-                "ratio needs the whole gradient). Use sparse=False"
+                f"{owner} has sparse=True: its gradient is sparse in torch, which lars_fx.LARS refuses (the "
+                "trust ratio needs the whole gradient). Use sparse=False"
             )
         if padding_idx is None:
             return args, kwargs
         if name is None:
             self.refusals.append(
-                f"an embedding with padding_idx={padding_idx} looks up a tensor computed in forward, not a parameter "
-                "of the model; the export applies padding_idx to parameters only. Look up the parameter itself"
+                f"an embedding with padding_idx={padding_idx} looks up a tensor computed in forward, not a "
+                "parameter of the model; the export applies padding_idx to parameters only. Look up the "
+                "parameter itself"
             )
             return args, kwargs
         row = padding_idx + weight.size(0) if padding_idx < 0 else padding_idx
@@ -213,12 +220,14 @@ def refuse_gradient_hooks(model: torch.nn.Module, trained: Iterable[str]) -> Non
     hooked = [
         name
         for name, p in model.named_parameters()
-        if name in trained and (getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None))
+        if name in trained
+        and (getattr(p, "_backward_hooks", None) or getattr(p, "_post_accumulate_grad_hooks", None))
     ]
     if hooked:
         raise ValueError(
-            f"parameters {hooked} have gradient hooks (register_hook or register_post_accumulate_grad_hook); the "
-            "ONNX export cannot run them on the device, so ONNX Runtime's gradients would differ. Remove the hooks"
+            f"parameters {hooked} have gradient hooks (register_hook or register_post_accumulate_grad_hook); "
+            "the ONNX export cannot run them on the device, so ONNX Runtime's gradients would differ. Remove "
+            "the hooks"
         )
 
 
@@ -251,7 +260,7 @@ def _aten_padding_idx(args: tuple, kwargs: dict) -> int:
 
 def _batch_norm_tracks_stats(args: tuple, kwargs: dict) -> bool:
     names = ("input", "running_mean", "running_var", "weight", "bias", "training")
-    call = dict(zip(names, args)) | kwargs
+    call = dict(zip(names, args, strict=False)) | kwargs  # the positional ones, however many were given
     return bool(call.get("training", False)) and call.get("running_mean") is not None
 
 
@@ -298,8 +307,9 @@ def _custom_functions(roots: Iterable[Any]) -> set[str]:
 def _custom_function_refusal(name: str) -> str:
     if name == "BackwardHookFunction":  # what register_full_backward_hook wraps a module's output in
         return (
-            "a module has a backward hook (register_full_backward_hook or register_full_backward_pre_hook): the "
-            "ONNX export cannot run it on the device, so ONNX Runtime's gradients would differ. Remove the hook"
+            "a module has a backward hook (register_full_backward_hook or register_full_backward_pre_hook): "
+            "the ONNX export cannot run it on the device, so ONNX Runtime's gradients would differ. Remove "
+            "the hook"
         )
     return (
         f"the model uses the custom autograd.Function {name}: its backward is not exported, ONNX Runtime "

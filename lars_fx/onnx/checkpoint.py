@@ -38,7 +38,9 @@ def write_optimizer_state(directory: Path, *, lr: float, first_moments: Mapping[
     data = bytearray(path.read_bytes())
     checkpoint = Checkpoint.Checkpoint.GetRootAs(data, 0)
     if checkpoint.OptimizerGroupsLength() != 1:
-        raise RuntimeError(f"expected one optimizer group in {path}, found {checkpoint.OptimizerGroupsLength()}")
+        raise RuntimeError(
+            f"expected one optimizer group in {path}, found {checkpoint.OptimizerGroupsLength()}"
+        )
     group = checkpoint.OptimizerGroups(0)
 
     # Every moment is overwritten: momentum0 with the given velocity or zeros, the others (AdamW's
@@ -52,11 +54,15 @@ def write_optimizer_state(directory: Path, *, lr: float, first_moments: Mapping[
             tensor = param_state.Momentums(j)
             raw = tensor.RawDataAsNumpy()
             if isinstance(raw, int):  # no inline data: ORT put the state in an external file
-                raise RuntimeError(f"{path} keeps optimizer state outside the file; external data is not supported")
+                raise RuntimeError(
+                    f"{path} keeps optimizer state outside the file; external data is not supported"
+                )
             if tensor.Name() == b"momentum0" and first is not None:
                 value = np.ascontiguousarray(first, dtype=np.float32)
                 if raw.nbytes != value.nbytes:
-                    raise RuntimeError(f"momentum0 of {name!r} holds {raw.nbytes} bytes, the velocity {value.nbytes}")
+                    raise RuntimeError(
+                        f"momentum0 of {name!r} holds {raw.nbytes} bytes, the velocity {value.nbytes}"
+                    )
                 raw[:] = np.frombuffer(value.tobytes(), dtype=np.uint8)
             else:
                 raw[:] = 0

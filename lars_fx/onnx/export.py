@@ -71,7 +71,9 @@ def export_model(
     input_names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     if loss is not None:
         if example_target is None:
-            raise ValueError("a callable loss needs example_target=, a tensor like the targets it will be trained on")
+            raise ValueError(
+                "a callable loss needs example_target=, a tensor like the targets it will be trained on"
+            )
         args = (*args, example_target)
         input_names.append("target")
     output_names = ["loss" if loss is not None else "output"]
@@ -85,7 +87,8 @@ def export_model(
             torch.onnx.export(
                 _Traced(model, loss, audit),
                 args,
-                buffer,
+                # torch annotates f as a path, but the TorchScript exporter (dynamo=False) takes a file too
+                buffer,  # type: ignore[arg-type]
                 dynamo=False,
                 opset_version=opset_version,
                 training=torch.onnx.TrainingMode.TRAINING,
@@ -96,15 +99,20 @@ def export_model(
             )
     except Exception as error:  # torch raises several unrelated types for unsupported ops
         audit.check()  # what it found first: e.g. scale_grad_by_freq, which torch refuses naming no module
-        raise ValueError(f"torch.onnx.export could not export the model at opset {opset_version}: {error}") from error
+        raise ValueError(
+            f"torch.onnx.export could not export the model at opset {opset_version}: {error}"
+        ) from error
     exported = onnx.load_from_string(buffer.getvalue())
     if len(exported.graph.output) != 1:
         raise ValueError(
-            f"the model has {len(exported.graph.output)} outputs; the ONNX export with loss='mse'/'cross_entropy' "
-            "needs one tensor output (or pass a callable loss that reduces them to one number)"
+            f"the model has {len(exported.graph.output)} outputs; the ONNX export with "
+            "loss='mse'/'cross_entropy' needs one tensor output (or pass a callable loss that reduces them "
+            "to one number)"
         )
     # The wrapper's prefix off, back to the user's parameter names.
-    renames = {i.name: i.name[len(_PREFIX) :] for i in exported.graph.initializer if i.name.startswith(_PREFIX)}
+    renames = {
+        i.name: i.name[len(_PREFIX) :] for i in exported.graph.initializer if i.name.startswith(_PREFIX)
+    }
     _rename_initializers(exported, renames)
     return Exported(exported, audit.check())
 
