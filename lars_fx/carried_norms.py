@@ -7,7 +7,7 @@ import torch.fx
 from torch import Tensor
 
 from .passes.fx_norms import squared_norms
-from .passes.fx_spec import LarsRequest
+from .passes.fx_spec import carried_batches
 
 __all__ = ["CarriedNorms"]
 
@@ -29,20 +29,26 @@ class CarriedNorms:
         self._left_at: tuple | None = None
 
     @classmethod
-    def of(cls, request: LarsRequest, gm: torch.fx.GraphModule) -> CarriedNorms | None:
-        """The carried inputs ``run_pipeline`` gave ``gm``, or None if it gave none."""
-        if not request.carried_batches:
+    def of(cls, gm: torch.fx.GraphModule) -> CarriedNorms | None:
+        """The carried inputs the pipeline gave ``gm`` (``fx_carry_weight_norms``), or None if it gave
+        none."""
+        batches = carried_batches(gm)
+        if not batches:
             return None
         position = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        return cls([([position[u.param.name] for u in b.updates], b.compute_dtype) for b in request.carried_batches])
+        return cls([([position[u.param.name] for u in b.updates], b.compute_dtype) for b in batches])
 
     def _state(self, inputs: list[Tensor]) -> tuple:
-        return tuple((inputs[i]._version, inputs[i].data_ptr()) for positions, _ in self.batches for i in positions)
+        return tuple(
+            (inputs[i]._version, inputs[i].data_ptr()) for positions, _ in self.batches for i in positions
+        )
 
     def inputs(self, inputs: list[Tensor]) -> list[Tensor]:
         """The carried norms to pass after ``inputs``: the last run's, or fresh ones."""
         if self._norms is None or self._state(inputs) != self._left_at:
-            self._norms = [squared_norms([inputs[i] for i in positions], dtype) for positions, dtype in self.batches]
+            self._norms = [
+                squared_norms([inputs[i] for i in positions], dtype) for positions, dtype in self.batches
+            ]
         return self._norms
 
     def keep(self, inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:

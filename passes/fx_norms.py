@@ -1,6 +1,7 @@
-"""Norm: insert the squared norms of ``w`` and ``g`` of every LARS parameter, batched.
+"""Norm: insert the squared norms of ``w`` and ``g`` of every trust-ratio parameter, batched.
 
-Pattern: the ``SgdUpdate`` records of ``match_sgd_update`` whose parameter gets LARS.
+Pattern: the ``LayerUpdate`` records a matcher left on the parameter placeholders (``match_sgd_update``'s for
+LARS), those whose parameter gets the trust ratio; ``g`` is the record's ``grad`` (LAMB's: its update ``r``).
 Rewrite: per batch (one param group, one device, one compute dtype; float32 for half-precision
 parameters, as ``lars_fx.functional.compute_dtype``) two nodes ``squared_norms([w...], dtype)`` and
 ``squared_norms([g'...], dtype)``, each one horizontal reduction over the batch's tensors producing a
@@ -10,7 +11,8 @@ On the devices in ``per_tensor_devices`` (default: CPU) a batch is one tensor: I
 emits the whole step as one kernel anyway, and a tensor's update then runs right after its own
 reductions and re-reads ``w`` and ``g`` from cache (measured on ResNet-50's shapes, 2 cores: 16.2 ms
 against 18.6 ms per step with one batch per group). On GPUs one batch per group keeps the kernels few.
-Preconditions: ``match_sgd_update`` ran; placeholders carry ``meta["val"]`` (``make_fx`` sets it).
+Each update's ``batch`` is set to its ``NormBatch``, which holds the two nodes.
+Preconditions (``requires``): a matcher ran; placeholders carry ``meta["val"]`` (``make_fx`` sets it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from lars_fx.functional import compute_dtype
 
-from .fx_spec import LarsBatch, PatternMismatch, request_of
+from .fx_spec import NormBatch, PatternMismatch, require_on_updates, updates_of
 
 __all__ = ["InsertLarsNorms", "squared_norms", "write_back_point"]
 
@@ -35,35 +37,43 @@ def squared_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 def write_back_point(graph: torch.fx.Graph) -> torch.fx.Node:
     """The first ``copy_`` into a graph input (or the output): new subgraphs go before it."""
     for node in graph.nodes:
-        if node.op == "output" or (node.op == "call_function" and node.target is torch.ops.aten.copy_.default):
+        is_copy = node.op == "call_function" and node.target is torch.ops.aten.copy_.default
+        if node.op == "output" or is_copy:
             return node
     raise AssertionError("a graph always has an output node")
 
 
 class InsertLarsNorms(PassBase):
+    name = "insert_lars_norms"
+
     def __init__(self, per_tensor_devices: tuple[str, ...] = ("cpu",)) -> None:
         super().__init__()
         self.per_tensor_devices = per_tensor_devices
 
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        require_on_updates(gm, self.name, "a matcher", lambda update: True)
+
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        request = request_of(gm, "insert_lars_norms")
-        batches: dict[tuple, LarsBatch] = {}
-        for update in request.updates:
+        # (param group, device, compute dtype, the placeholder's name on a per-tensor device) -> its batch
+        batches: dict[tuple[int, torch.device, torch.dtype, str | None], NormBatch] = {}
+        for update in updates_of(gm):
             if not update.role.use_lars:
                 continue
             value = update.param.meta.get("val")
             if not isinstance(value, Tensor):
-                raise PatternMismatch(update.param, "LARS parameter", "placeholder has no meta['val'] (trace it with make_fx)")
-            key = (update.role.group_index, value.device, compute_dtype(value.dtype))
-            if value.device.type in self.per_tensor_devices:
-                key += (update.param.name,)
-            batch = batches.setdefault(key, LarsBatch(update.role.group_index, compute_dtype(value.dtype), []))
+                raise PatternMismatch(
+                    update.param, "LARS parameter", "placeholder has no meta['val'] (trace it with make_fx)"
+                )
+            dtype = compute_dtype(value.dtype)
+            per_tensor = update.param.name if value.device.type in self.per_tensor_devices else None
+            key = (update.role.group_index, value.device, dtype, per_tensor)
+            batch = batches.setdefault(key, NormBatch(update.role.group_index, dtype, []))
             batch.updates.append(update)
+            update.batch = batch
         with gm.graph.inserting_before(write_back_point(gm.graph)):
             for batch in batches.values():
-                dtype = batch.compute_dtype
-                batch.w_sq_norm = gm.graph.call_function(squared_norms, ([u.param for u in batch.updates], dtype))
-                batch.g_sq_norm = gm.graph.call_function(squared_norms, ([u.grad for u in batch.updates], dtype))
-        request.batches = list(batches.values())
+                params, grads = [u.param for u in batch.updates], [u.grad for u in batch.updates]
+                batch.w_sq_norm = gm.graph.call_function(squared_norms, (params, batch.compute_dtype))
+                batch.g_sq_norm = gm.graph.call_function(squared_norms, (grads, batch.compute_dtype))
         gm.recompile()
         return PassResult(gm, bool(batches))

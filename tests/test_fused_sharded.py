@@ -4,9 +4,9 @@ plain parameters beside DTensors.
 One spawn (``dist_harness.run_on_ranks``) runs every configuration and returns, per rank, the full parameters
 after each step, the collectives of each ``opt.step()`` (counted with ``torch.profiler``), telemetry and the
 compiled graph's text; the tests compare them with the single-process full-batch float64 run of the per-tensor
-reference (``foreach=False``), computed here. The FSDP2 run also writes its weights between steps in the ways a
-carried ``||w||^2`` would miss (``torch._foreach_mul_`` on DTensors, ``p.to_local().mul_``); the reference sees
-the same writes.
+reference (``foreach=False``), computed here. The FSDP2 run also writes its weights between steps in the ways
+a carried ``||w||^2`` would miss (``torch._foreach_mul_`` on DTensors, ``p.to_local().mul_``); the reference
+sees the same writes.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import torch
-from dist_harness import count_collectives, run_on_ranks
 from torch import Tensor, nn
 
 import lars_fx
+from dist_harness import count_collectives, run_on_ranks
 
 WORLD_SIZE = 2
 STEPS = 6
@@ -43,9 +43,9 @@ CONFIGS = {  # name: (layout, variant, writes, telemetry)
 class Net(nn.Module):
     """fc1 (``hidden`` output rows) -> tanh -> fc2 -> LayerNorm -> tanh -> fc3 (3 rows: uneven under FSDP2).
 
-    LARS weights fc1, fc2, fc3; biases and the LayerNorm are not LARS (the default filter). FSDP2 gets 7 hidden
-    rows (uneven shards); tensor parallelism (fc1 column-wise, fc2 row-wise, whose implicit ``from_local``
-    needs even pieces) 8, and the LayerNorm and fc3 stay plain tensors there.
+    LARS weights fc1, fc2, fc3; biases and the LayerNorm are not LARS (the default filter). FSDP2 gets 7
+    hidden rows (uneven shards); tensor parallelism (fc1 column-wise, fc2 row-wise, whose implicit
+    ``from_local`` needs even pieces) 8, and the LayerNorm and fc3 stay plain tensors there.
     """
 
     def __init__(self, hidden: int) -> None:
@@ -76,7 +76,10 @@ def make_lars(model: nn.Module, variant: str, telemetry: bool, **options: Any) -
     """Two param groups (fc1 and the LayerNorm; fc2 and fc3) with their own lr and weight decay."""
     named = list(model.named_parameters())
     groups = [
-        {"params": [(n, p) for n, p in named if n.startswith(("fc1", "LayerNorm")) == (index == 0)], **settings}
+        {
+            "params": [(n, p) for n, p in named if n.startswith(("fc1", "LayerNorm")) == (index == 0)],
+            **settings,
+        }
         for index, settings in enumerate(GROUP_SETTINGS)
     ]
     sgd = torch.optim.SGD(groups, lr=0.1, **VARIANTS[variant])
@@ -171,13 +174,13 @@ def _run(layout: str, variant: str, writes: tuple, telemetry: bool, steps: int =
         collectives.append(dict(counts))
         opt.zero_grad()
         trajectory.append({n: _full(p) for n, p in model.named_parameters()})
-    fused = opt._fused_step
+    fused = opt.fused_step
     return {
         "trajectory": trajectory,
         "collectives": collectives,
         "compile_count": fused.compile_count,
         "fallback": fused.fallback,
-        "carried": [compiled.carry is not None for compiled in fused._cache.values()],
+        "carried": [compiled.carry is not None for compiled in fused.cache.graphs()],
         "graph": graph,
         "buffers": {  # a DTensor exactly where the parameter is one
             n: isinstance(opt.state[p]["momentum_buffer"], DTensor) == isinstance(p, DTensor)
@@ -189,7 +192,8 @@ def _run(layout: str, variant: str, writes: tuple, telemetry: bool, steps: int =
 
 
 def _run_with_reduction_switched_off() -> dict[str, Any]:
-    """``LARS_FX_DISABLE=reduce_sharded_norms``: the graph would use a shard's norms, so the step runs eagerly."""
+    """``LARS_FX_DISABLE=reduce_sharded_norms``: the graph would use a shard's norms, so the step runs
+    eagerly."""
     os.environ["LARS_FX_DISABLE"] = "reduce_sharded_norms"
     try:
         return _run("fsdp2", "nesterov", (), False, steps=3)
@@ -225,15 +229,17 @@ def test_trajectory_equals_single_process_reference(results: list[dict[str, Any]
             assert got.keys() == want.keys()
             for param in want:
                 torch.testing.assert_close(
-                    got[param], want[param], **TOLERANCE, msg=lambda m, s=step, p=param, r=rank: f"{name} rank {r} "
-                    f"step {s} {p}: {m}"
+                    got[param],
+                    want[param],
+                    **TOLERANCE,
+                    msg=lambda m, s=step, p=param, r=rank: f"{name} rank {r} step {s} {p}: {m}",
                 )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_one_all_reduce_per_step_inside_the_graph(results: list[dict[str, Any]], name: str) -> None:
-    """Every step issues exactly one collective, an all-reduce: the eager first step, the compiling one, and the
-    compiled ones, whose graph holds the functional all-reduce (and no carried weight norms)."""
+    """Every step issues exactly one collective, an all-reduce: the eager first step, the compiling one, and
+    the compiled ones, whose graph holds the functional all-reduce (and no carried weight norms)."""
     for rank, result in enumerate(per_rank(results, name)):
         assert result["collectives"] == [{"all_reduce": 1}] * STEPS, (rank, result["collectives"])
         assert result["graph"].count("torch.ops._c10d_functional.all_reduce.default(") == 1, result["graph"]
@@ -248,7 +254,9 @@ def test_graph_counts_replicated_pieces_once(results: list[dict[str, Any]]) -> N
     for rank, result in enumerate(per_rank(results, "tp_mixed")):
         assert set(result["dtensors"]) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
         # [||w||^2 of fc1, fc2, fc3, ||g||^2 of fc1, fc2, fc3]
-        weighted = r"lars_fx_passes_fx_reduce_sharded_norms_weighted\(\w+, \(1\.0, 1\.0, 0\.0, 1\.0, 1\.0, 0\.0\)\)"
+        weighted = (
+            r"lars_fx_passes_fx_reduce_sharded_norms_weighted\(\w+, \(1\.0, 1\.0, 0\.0, 1\.0, 1\.0, 0\.0\)\)"
+        )
         assert (re.search(weighted, result["graph"]) is not None) == (rank == 1), result["graph"]
         assert rank == 1 or "weighted(" not in result["graph"]
     for result in per_rank(results, "fsdp2_momentum"):
@@ -279,8 +287,9 @@ def test_telemetry_records_global_norms(results: list[dict[str, Any]], name: str
 def test_without_the_reduction_pass_the_step_runs_eagerly(results: list[dict[str, Any]]) -> None:
     expected = reference("fsdp2", "nesterov", (), False)["trajectory"][:3]
     for result in per_rank(results, "reduction_switched_off"):
-        assert "reduce_sharded_norms did not run" in result["fallback"]
-        assert "reduce_sharded_norms did not run" in result["graph"]  # inspect_step reports it too
+        assert "reduce_sharded_norms must run before insert_trust_ratio" in result["fallback"]
+        # inspect_step reports it too
+        assert "reduce_sharded_norms must run before insert_trust_ratio" in result["graph"]
         assert result["collectives"] == [{"all_reduce": 1}] * 3
         for got, want in zip(result["trajectory"], expected, strict=True):
             for param in want:
@@ -288,24 +297,25 @@ def test_without_the_reduction_pass_the_step_runs_eagerly(results: list[dict[str
 
 
 def test_graphs_without_sharded_parameters_are_untouched() -> None:
-    """The pass leaves a graph over plain tensors as it is: every later stage equals the pipeline's without it."""
+    """The pass leaves a graph over plain tensors as it is: every later stage equals the pipeline's without
+    it."""
+    from lars_fx.fused import FusedStep, _plan, _request, _step_function
     from lars_fx.passes.fx_canonicalize import canonicalize
     from lars_fx.passes.fx_pipeline import run_pipeline
-
-    from lars_fx.fused import FusedStep, _plan, _request, _step_function
+    from lars_fx.passes.pipelines import LARS_SGD
 
     model = build_net("fsdp2")
     opt = make_lars(model, "nesterov", True, fused=True)
     nn.functional.mse_loss(model(batch(0)[0]), batch(0)[1]).backward()
     opt.step()  # creates the momentum buffers
     nn.functional.mse_loss(model(batch(1)[0]), batch(1)[1]).backward()
-    plan = _plan(opt)
+    plan = _plan(opt, opt.gather())
     assert plan is not None and plan.lars_options["norm_process_groups"] == ()
     inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))
     texts = []
     for disabled in ((), ("reduce_sharded_norms",)):
         gm = canonicalize(_step_function(plan), inputs)
-        _, stages = run_pipeline(gm, _request(plan, gm), disabled=disabled)
+        _, stages = run_pipeline(gm, LARS_SGD, _request(plan, gm), disabled=disabled)
         texts.append([stage.text for stage in stages if stage.name != "reduce_sharded_norms"])
     assert texts[0] == texts[1]
     assert "_c10d_functional" not in texts[0][-1]
