@@ -10,6 +10,7 @@ one failing check does not hide the others. Trajectories are lists (one entry pe
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 import traceback
@@ -75,7 +76,7 @@ class DeepNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         widths = [IN_FEATURES] + [7 if i % 2 == 0 else 5 for i in range(DEEP_LAYERS)]
-        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths, widths[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(widths))
         self.bias = nn.Parameter(torch.zeros(widths[-1]))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -168,17 +169,21 @@ class Stepper:
         if mode == "backend":
             self.optimizer: torch.optim.Optimizer = sgd_for(model, variant)
             torch._dynamo.reset()
-            self.step = torch.compile(self.optimizer.step, backend="lars_fx", options={"coefficient": COEFFICIENT})
+            self.step = torch.compile(
+                self.optimizer.step, backend="lars_fx", options={"coefficient": COEFFICIENT}
+            )
         else:
             self.optimizer = lars_fx.LARS(
                 sgd_for(model, variant),
                 coefficient=COEFFICIENT,
                 foreach=mode != "for_loop",
                 fused=mode == "fused",
-                carry_weight_norms=True,  # the fused step's carried ||w||^2, which the weight writes must not stale
+                # the fused step's carried ||w||^2, which the weight writes must not stale
+                carry_weight_norms=True,
             )
             if mode == "compiled":
-                torch._dynamo.reset()  # a fresh cache: earlier optimizers' entries would count to the recompile limit
+                # a fresh cache: earlier optimizers' entries would count to the recompile limit
+                torch._dynamo.reset()
                 self.step = torch.compile(self.optimizer.step)
             else:
                 self.step = self.optimizer.step
@@ -199,7 +204,7 @@ class Stepper:
             if torch._dynamo.utils.counters["stats"]["unique_graphs"] == self.graphs_before:
                 return "Dynamo compiled no graph"  # e.g. it ran the step eagerly past its recompile limit
         if self.mode == "fused":
-            fused = self.optimizer._fused_step
+            fused = self.optimizer.fused_step
             if fused is None or fused.compile_count == 0:
                 return "the fused step compiled no graph"
             if fused.fallback is not None:
@@ -301,7 +306,8 @@ class Checks:
 
 
 def ddp_job() -> dict[str, Any]:
-    """Every mode (and backend="lars_fx") under DDP, default and with gradient_as_bucket_view + static_graph."""
+    """Every mode (and backend="lars_fx") under DDP, default and with gradient_as_bucket_view +
+    static_graph."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     checks = Checks()
@@ -358,7 +364,8 @@ def fsdp2_nesterov_run(mode: str, checkpoint_dir: str) -> dict[str, Any]:
     full_state = None
     if mode == "foreach":
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full_state = dict(zip(("model", "optim"), get_state_dict(model, stepper.optimizer, options=options)))
+        model_state, optim_state = get_state_dict(model, stepper.optimizer, options=options)
+        full_state = {"model": model_state, "optim": optim_state}
     rest = train(model, stepper, batch, range(RESUME_AT, STEPS), profile_step=STEPS - 1)
     result = {**rest, "trajectory": first["trajectory"] + rest["trajectory"], "full_state": full_state}
     if mode in CHECKPOINTED_MODES:
@@ -395,7 +402,9 @@ def fsdp2_job(checkpoint_dir: str, single_device_state: dict[str, Any]) -> dict[
         checks.run(f"net/nesterov/{mode}", lambda mode=mode: fsdp2_nesterov_run(mode, checkpoint_dir))
         checks.run(f"net/scheduled/{mode}", lambda mode=mode: fsdp2_run("net", "scheduled", mode))
     for mode in MODES:
-        checks.run(f"deep/{mode}", lambda mode=mode: fsdp2_run("deep", "nesterov", mode, steps=range(DEEP_STEPS)))
+        checks.run(
+            f"deep/{mode}", lambda mode=mode: fsdp2_run("deep", "nesterov", mode, steps=range(DEEP_STEPS))
+        )
     for mode in CHECKPOINTED_MODES:
         checks.run(f"full_state_in/{mode}", lambda mode=mode: full_state_in(mode, single_device_state))
     return checks.results
@@ -415,7 +424,8 @@ def load_full_state(model: nn.Module, optimizer: Any, full_state: dict[str, Any]
 
 
 def full_state_in(mode: str, full_state: dict[str, Any]) -> dict[str, Any]:
-    """A single-device run's full state dicts loaded into a fresh FSDP2 model and optimizer, then trained on."""
+    """A single-device run's full state dicts loaded into a fresh FSDP2 model and optimizer, then trained
+    on."""
     model = fsdp2_model(seed=1)
     stepper = Stepper(model, "nesterov", mode)
     load_full_state(model, stepper.optimizer, full_state)
@@ -429,7 +439,9 @@ def single_device_full_state(steps: int = RESUME_AT) -> dict[str, Any]:
     model = build_model()
     stepper = Stepper(model, "nesterov", "for_loop")
     train(model, stepper, batches(), range(steps))
-    model_state, optim_state = get_state_dict(model, stepper.optimizer, options=StateDictOptions(full_state_dict=True))
+    model_state, optim_state = get_state_dict(
+        model, stepper.optimizer, options=StateDictOptions(full_state_dict=True)
+    )
     return {"model": model_state, "optim": optim_state}
 
 
@@ -535,7 +547,8 @@ def refusal(
         optimizer.step()
     except Exception as raised:  # the check asserts on its type and message
         error = {"type": type(raised).__name__, "message": str(raised), "traceback": traceback.format_exc()}
-    moved = [name for (name, p), old in zip(model.named_parameters(), before) if not torch.equal(local_view(p), old)]
+    moved = [name for (name, p), old in zip(model.named_parameters(), before, strict=True)
+             if not torch.equal(local_view(p), old)]
     return {"raised": error, "moved": moved}
 
 

@@ -15,6 +15,7 @@ import lars_fx
 from lars_fx.functional import lars_sgd_reference
 from lars_fx.fused import inspect_step
 from lars_fx.passes.fx_pipeline import pipeline_names
+from lars_fx.passes.pipelines import LARS_SGD
 from mindspore_replay import SCENARIOS, replay_lars
 
 STEPS = 10
@@ -52,7 +53,7 @@ class Oracle:
         opt = self.opt
         for group_index, group in enumerate(opt.param_groups):
             mask = opt.lars_mask(group_index)
-            chosen = [(p, m) for p, m in zip(group["params"], mask) if p in self.grads]
+            chosen = [(p, m) for p, m in zip(group["params"], mask, strict=True) if p in self.grads]
             if not chosen:
                 continue
             params = [self.copies[p] for p, _ in chosen]
@@ -63,9 +64,10 @@ class Oracle:
                 lr=float(group["lr"]), weight_decay=group["weight_decay"], momentum=momentum,
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                 coefficient=opt.coefficient, epsilon=opt.epsilon, use_clip=opt.use_clip,
-                unit_trust_on_zero_norm=opt.unit_trust_on_zero_norm, lr_inside_momentum=opt.lr_inside_momentum,
+                unit_trust_on_zero_norm=opt.unit_trust_on_zero_norm,
+                lr_inside_momentum=opt.lr_inside_momentum,
             )
-            for (p, _), buf in zip(chosen, new):
+            for (p, _), buf in zip(chosen, new, strict=True):
                 if buf is not None:
                     self.buffers[p] = buf
 
@@ -73,7 +75,9 @@ class Oracle:
         for p, want in self.copies.items():
             torch.testing.assert_close(p.detach().to(torch.float64), want, rtol=rtol, atol=atol)
         for p, want in self.buffers.items():
-            torch.testing.assert_close(self.opt.state[p]["momentum_buffer"].to(torch.float64), want, rtol=rtol, atol=atol)
+            torch.testing.assert_close(
+                self.opt.state[p]["momentum_buffer"].to(torch.float64), want, rtol=rtol, atol=atol
+            )
 
 
 def set_grads(model, seed, skip=()):
@@ -107,9 +111,11 @@ SGD_OPTIONS = {
 @pytest.mark.parametrize("name", SGD_OPTIONS)
 def test_sgd_options(name):
     model = tiny_model()
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), **SGD_OPTIONS[name]), coefficient=0.02, fused=True)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), **SGD_OPTIONS[name]), coefficient=0.02, fused=True
+    )
     run(opt, model)
-    fused = opt._fused_step
+    fused = opt.fused_step
     assert fused.fallback is None
     assert fused.compile_count == 1  # a first step that creates momentum buffers runs eagerly
 
@@ -122,18 +128,20 @@ def test_scheduler_does_not_recompile(lars_option):
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
     run(opt, model, before_step=lambda step: scheduler.step() if step else None)
     assert opt.param_groups[0]["lr"] < 0.5 * 0.7**8
-    assert opt._fused_step.compile_count == 1
+    assert opt.fused_step.compile_count == 1
 
 
 def test_momentum_schedule_does_not_recompile():
     model = tiny_model(2)
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True
+    )
 
     def change_momentum(step):
         opt.param_groups[0]["momentum"] = 0.5 + 0.04 * step
 
     run(opt, model, before_step=change_momentum)
-    assert opt._fused_step.compile_count == 1
+    assert opt.fused_step.compile_count == 1
 
 
 @pytest.mark.parametrize("unit", [False, True])
@@ -151,7 +159,7 @@ def test_zero_norms_and_unit_trust(unit):
             model[2].weight.grad.zero_()
 
     run(opt, model, before_step=zero_gradient)
-    assert opt._fused_step.compile_count == 1
+    assert opt.fused_step.compile_count == 1
     assert (torch.count_nonzero(model[0].weight) == 0) != unit
 
 
@@ -163,11 +171,11 @@ def test_params_without_grad_and_a_new_group():
     oracle = run(opt, model, steps=3, skip={"0.bias"})
     assert opt.state[model[0].bias] == {}
     run(opt, model, steps=3, oracle=oracle)  # 0.bias gets gradients now: its buffer is created
-    count = opt._fused_step.compile_count
+    count = opt.fused_step.compile_count
     opt.add_param_group({"params": named[2:], "lr": 0.3, "weight_decay": 0.0, "momentum": 0.5})
     oracle.copies.update({p: p.detach().double().clone() for _, p in named[2:]})
     run(opt, model, steps=3, oracle=oracle)
-    assert opt._fused_step.compile_count == count + 1
+    assert opt.fused_step.compile_count == count + 1
 
 
 def test_mixed_dtypes():
@@ -183,7 +191,9 @@ def test_mixed_dtypes():
 
 def test_non_contiguous_gradients_compile_their_own_graph():
     model = tiny_model(11)
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True
+    )
 
     def transpose_gradient(step):
         if step >= 5:  # same values, other strides: Inductor's kernel must not be reused
@@ -191,12 +201,14 @@ def test_non_contiguous_gradients_compile_their_own_graph():
             weight.grad = weight.grad.t().contiguous().t()
 
     run(opt, model, before_step=transpose_gradient)
-    assert opt._fused_step.compile_count == 2
+    assert opt.fused_step.compile_count == 2
 
 
 def test_inside_a_compiled_training_step():
     model = tiny_model(12)
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True
+    )
     x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
 
     @torch.compile
@@ -212,12 +224,16 @@ def test_inside_a_compiled_training_step():
         with torch.no_grad():
             before = {p: oracle.copies[p].to(p.dtype) for p in oracle.copies}
         probe = tiny_model(12)
-        probe.load_state_dict({n: before[p] for (n, _), p in zip(probe.named_parameters(), model.parameters())})
+        probe.load_state_dict(
+            {n: before[p] for (n, _), p in zip(probe.named_parameters(), model.parameters(), strict=True)}
+        )
         probe(x).square().mean().backward()
-        oracle.grads = {p: q.grad.double() for p, q in zip(model.parameters(), probe.parameters())}
+        oracle.grads = {
+            p: q.grad.double() for p, q in zip(model.parameters(), probe.parameters(), strict=True)
+        }
         oracle.step()
         oracle.check(rtol=1e-4, atol=1e-6)
-    assert opt._fused_step.compile_count == 1
+    assert opt.fused_step.compile_count == 1
 
 
 def test_state_dict_load_into_fused():
@@ -237,9 +253,9 @@ def test_state_dict_load_into_fused():
         set_grads(restored_model, step)
         opt.step()
         restored.step()
-    for a, b in zip(model.parameters(), restored_model.parameters()):
+    for a, b in zip(model.parameters(), restored_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert restored._fused_step.compile_count == 1  # buffers came with the state: compiled from step 1
+    assert restored.fused_step.compile_count == 1  # buffers came with the state: compiled from step 1
 
 
 def test_telemetry_matches_eager():
@@ -254,20 +270,22 @@ def test_telemetry_matches_eager():
         recorders.append(opt.telemetry)
     fused_calls, eager_calls = (r.calls for r in recorders)
     assert len(fused_calls) == len(eager_calls) == 3
-    for (gi, params, *values), (gi_e, params_e, *values_e) in zip(fused_calls, eager_calls):
+    for (gi, params, *values), (gi_e, params_e, *values_e) in zip(fused_calls, eager_calls, strict=True):
         assert gi == gi_e and [p.shape for p in params] == [p.shape for p in params_e]
-        for got, want in zip(values, values_e):
+        for got, want in zip(values, values_e, strict=True):
             torch.testing.assert_close(got, want)
 
 
 def test_unknown_graph_falls_back_to_eager(monkeypatch, caplog):
     monkeypatch.setenv("LARS_FX_DISABLE", "insert_lars_norms")
     model = tiny_model(8)
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True
+    )
     with caplog.at_level(logging.WARNING, logger="lars_fx.fused"):
         run(opt, model, steps=3)
     assert "falls back to the eager LARS step" in caplog.text
-    assert "insert_trust_ratio must run first" in opt._fused_step.fallback
+    assert "insert_lars_norms must run before insert_trust_ratio" in opt.fused_step.fallback
 
 
 def test_inspect_step_reports_every_stage():
@@ -278,17 +296,19 @@ def test_inspect_step_reports_every_stage():
     set_grads(model, 0)
     before = [p.clone() for p in model.parameters()]
     report = inspect_step(opt)
-    assert [name for name, _ in report.stages] == ["captured", *pipeline_names()]
+    assert [name for name, _ in report.stages] == ["captured", *pipeline_names(LARS_SGD)]
     assert "trust_ratio" in report.stages[-1][1] and "trust_ratio" not in report.stages[0][1]
     assert report.node_counts[-1][1] > report.node_counts[0][1]
     assert report.kernel_count is not None and report.kernel_count > 0
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # nothing stepped
 
 
 def test_weights_written_between_steps_refresh_the_carried_norms():
     model = tiny_model(11)
     opt = lars_fx.LARS(
-        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2), coefficient=0.02, fused=True
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+        coefficient=0.02,
+        fused=True,
     )
     oracle = Oracle(opt)
     checkpoint = copy.deepcopy(model.state_dict())
@@ -304,7 +324,7 @@ def test_weights_written_between_steps_refresh_the_carried_norms():
         oracle.copies.update({p: p.detach().double().clone() for p in model.parameters()})
 
     run(opt, model, before_step=write_weights, oracle=oracle)
-    assert opt._fused_step.compile_count == 1
+    assert opt.fused_step.compile_count == 1
 
 
 def test_compiled_step_bumps_the_weights_version():
@@ -315,13 +335,15 @@ def test_compiled_step_bumps_the_weights_version():
         set_grads(model, step)
         versions = [p._version for p in model.parameters()]
         opt.step()
-        assert all(p._version > v for p, v in zip(model.parameters(), versions))
-    assert opt._fused_step.compile_count == 1
+        assert all(p._version > v for p, v in zip(model.parameters(), versions, strict=True))
+    assert opt.fused_step.compile_count == 1
 
 
 def test_alternating_graphs_do_not_share_carried_norms():
     model = tiny_model(12)
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9), coefficient=0.02, fused=True
+    )
     oracle = Oracle(opt)
     for step, skip in enumerate([(), (), ("2.bias",), (), ("2.bias",), ("2.bias",), (), ()]):
         set_grads(model, step, skip)
@@ -329,7 +351,7 @@ def test_alternating_graphs_do_not_share_carried_norms():
         opt.step()
         oracle.step()
         oracle.check()
-    assert opt._fused_step.compile_count == 2
+    assert opt.fused_step.compile_count == 2
 
 
 def test_without_carried_norms():
@@ -339,7 +361,7 @@ def test_without_carried_norms():
         coefficient=0.02, fused=True, carry_weight_norms=False,
     )
     run(opt, model)
-    assert all(compiled.carry is None for compiled in opt._fused_step._cache.values())
+    assert all(compiled.carry is None for compiled in opt.fused_step.cache.graphs())
 
 
 def test_carried_norms_are_computed_in_the_update_loop():
@@ -360,7 +382,9 @@ def test_carried_norms_are_computed_in_the_update_loop():
 
     torch.manual_seed(14)
     model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8))
-    opt = lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4), fused=True)
+    opt = lars_fx.LARS(
+        torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4), fused=True
+    )
     set_grads(model, 0)
     opt.step()  # eager: creates the momentum buffers
     with inductor_config.patch(fx_graph_cache=False, post_grad_custom_post_pass=UsersPass()):
@@ -394,7 +418,7 @@ def test_fused_on_gpu(dtype):
             oracle.buffers = {p: opt.state[p]["momentum_buffer"].double().clone() for p in oracle.buffers}
         else:
             oracle.check()
-    assert opt._fused_step.fallback is None
+    assert opt.fused_step.fallback is None
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -441,7 +465,7 @@ def test_changed_options_compile_once_each():
 
     run(opt, model, steps=12, before_step=change, oracle=oracle)
     assert torch.count_nonzero(model[0].weight) > 0
-    assert opt._fused_step.compile_count == 8  # steps 1-7 and 9; step 0 creates the momentum buffers eagerly
+    assert opt.fused_step.compile_count == 8  # steps 1-7 and 9; step 0 creates the momentum buffers eagerly
     ((group_index, params, w_norm, _, _),) = recorder.calls
     assert group_index == 0 and [id(p) for p in params] == [id(model[0].weight), id(model[2].weight)]
     torch.testing.assert_close(w_norm, torch.stack(telemetry_norms))
@@ -470,7 +494,7 @@ def test_parameters_taking_turns_stop_compiling_at_the_limit(monkeypatch):
             for p, (value, buffer) in idle_before.items():
                 assert torch.equal(p, value) and torch.equal(opt.state[p]["momentum_buffer"], buffer)
     assert len([w for w in caught if "MAX_GRAPHS" in str(w.message)]) == 1
-    assert opt._fused_step.compile_count == 2  # experts 0 and 1; 2 and 3 ran eagerly, twice each
+    assert opt.fused_step.compile_count == 2  # experts 0 and 1; 2 and 3 ran eagerly, twice each
 
 
 def test_parameters_without_data_are_refused():
@@ -486,7 +510,8 @@ def test_parameters_without_data_are_refused():
     where = r"'meta.weight' \(param_groups\[0\]\['params'\]\[2\]\)"
     with pytest.raises(ValueError, match=where + r": the parameter is on the meta device.*fused=False"):
         opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, real.parameters()))  # not even the eager first step ran
+    # not even the eager first step ran
+    assert all(torch.equal(a, b) for a, b in zip(before, real.parameters(), strict=True))
     with FakeTensorMode():
         fake = nn.Linear(5, 4)
         opt = lars_fx.LARS(torch.optim.SGD(fake.named_parameters(), lr=0.1), fused=True)
@@ -500,11 +525,13 @@ def test_parameters_without_data_are_refused():
 def test_one_element_lr_tensor(shape):
     """torch.optim.SGD takes an lr tensor of any one-element shape; a scheduler updates it in place."""
     model = tiny_model(18)
-    sgd = torch.optim.SGD(model.named_parameters(), lr=torch.full(shape, 0.2), momentum=0.9, weight_decay=1e-2)
+    sgd = torch.optim.SGD(
+        model.named_parameters(), lr=torch.full(shape, 0.2), momentum=0.9, weight_decay=1e-2
+    )
     opt = lars_fx.LARS(sgd, coefficient=0.02, use_clip=True, fused=True)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)
     run(opt, model, steps=6, before_step=lambda step: scheduler.step() if step else None)
-    assert opt.param_groups[0]["lr"].shape == shape and opt._fused_step.compile_count == 1
+    assert opt.param_groups[0]["lr"].shape == shape and opt.fused_step.compile_count == 1
 
 
 @pytest.mark.parametrize("use_clip", [False, True])
@@ -518,16 +545,15 @@ def test_weights_past_the_float32_norm_limit_are_never_finite_and_wrong(use_clip
         {"params": [("huge0", huge[0]), ("normal0", normal[0])], "weight_decay": 0.0},
         {"params": [("huge1", huge[1]), ("normal1", normal[1])], "weight_decay": 1e-2},
     ]
-    opt = lars_fx.LARS(
-        torch.optim.SGD(groups, lr=0.1), coefficient=0.02, use_clip=use_clip, lars_filter=lambda p: True, fused=True
-    )
+    opt = lars_fx.LARS(torch.optim.SGD(groups, lr=0.1), coefficient=0.02, use_clip=use_clip,
+                       lars_filter=lambda p: True, fused=True)
     oracle = Oracle(opt)
     for p in huge + normal:
         p.grad = torch.randn(p.shape, generator=gen)
     oracle.read_grads()
     opt.step()
     oracle.step()
-    assert opt._fused_step.compile_count == 1
+    assert opt.fused_step.compile_count == 1
     for p in huge:
         want = oracle.copies[p]
         assert torch.isfinite(want).all()

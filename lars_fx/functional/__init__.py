@@ -1,14 +1,21 @@
 """The math of lars-fx's layer-wise optimizers, written once; imports nothing from the rest of the project.
 
-``options``: each algorithm's options (names, defaults, checks). ``lars``: LARS (the trust ratio, the per-tensor
-reference and the multi-tensor paths).
+``options``: each algorithm's options (names, defaults, checks). ``lars``: LARS (the trust ratio, the
+per-tensor reference and the multi-tensor paths). ``lamb``: LAMB, on LARS's trust ratio and norm helpers.
 """
 
+from .lamb import (
+    adam_moments_,
+    bias_corrections,
+    lamb_direction,
+    lamb_foreach,
+    lamb_reference,
+    lamb_trust_ratio,
+)
 from .lars import (
     LarsGradients,
     LarsNorms,
     NormCollector,
-    _graph_inputs,
     compute_dtype,
     lars_gradient,
     lars_gradients_foreach,
@@ -18,7 +25,8 @@ from .lars import (
     scaled_gradient,
     trust_ratio,
 )
-from .options import LarsOptions
+from .lars import _graph_inputs as _graph_inputs  # an explicit re-export for the tests; not public API
+from .options import LambOptions, LarsOptions
 
 __all__ = [
     "LarsOptions",
@@ -33,4 +41,11 @@ __all__ = [
     "LarsNorms",
     "NormCollector",
     "lars_sgd_foreach",
+    "LambOptions",
+    "lamb_trust_ratio",
+    "adam_moments_",
+    "bias_corrections",
+    "lamb_direction",
+    "lamb_reference",
+    "lamb_foreach",
 ]

@@ -26,7 +26,8 @@ fast path is tested against (it runs in float64 as well); ``lars_sgd_foreach`` (
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ __all__ = [
     "LarsGradients",
     "lars_gradients_foreach",
     "LarsNorms",
+    "lars_norms",
     "NormCollector",
     "lars_sgd_foreach",
 ]
@@ -140,7 +142,10 @@ def lars_gradient(
     dtype = compute_dtype(param.dtype)
     g = -grad if maximize else grad
     if norms is None:
-        norms = (torch.linalg.vector_norm(param.detach(), dtype=dtype), torch.linalg.vector_norm(g, dtype=dtype))
+        norms = (
+            torch.linalg.vector_norm(param.detach(), dtype=dtype),
+            torch.linalg.vector_norm(g, dtype=dtype),
+        )
     coeff = trust_ratio(
         norms[0].to(dtype),
         norms[1].to(dtype),
@@ -243,6 +248,49 @@ def lars_sgd_reference(
     return new_buffers
 
 
+def lars_norms(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lars_mask: Sequence[bool],
+    *,
+    weight_decay: Number,
+    coefficient: float,
+    epsilon: float,
+    use_clip: bool = False,
+    lr: Number | None = None,
+    unit_trust_on_zero_norm: bool = False,
+    norms: tuple[Tensor, Tensor] | None = None,
+) -> LarsNorms:
+    """``||w||``, ``||g||`` and the trust ratio of the LARS tensors, per tensor as ``lars_gradient`` computes
+    them (so the reference given these ``norms`` steps exactly as without). ``norms``: given
+    ``(||w||, ||g||)`` vectors (sharded tensors), whose trust ratios only are computed."""
+    ratio = functools.partial(
+        trust_ratio,
+        weight_decay=weight_decay,
+        coefficient=coefficient,
+        epsilon=epsilon,
+        use_clip=use_clip,
+        lr=lr,
+        unit_trust_on_zero_norm=unit_trust_on_zero_norm,
+    )
+    if norms is not None:
+        return LarsNorms(norms[0], norms[1], ratio(norms[0], norms[1]))
+    rows = []
+    for p, g, use_lars in zip(params, grads, lars_mask, strict=True):
+        if use_lars:
+            dtype = compute_dtype(p.dtype)
+            w_norm = torch.linalg.vector_norm(p.detach(), dtype=dtype)
+            g_norm = torch.linalg.vector_norm(g, dtype=dtype)
+            rows.append((w_norm, g_norm, ratio(w_norm, g_norm)))
+    if not rows:
+        empty = torch.empty(0)
+        return LarsNorms(empty, empty, empty)
+    device = rows[0][0].device
+    dtype = functools.reduce(torch.promote_types, [w.dtype for w, _, _ in rows])
+    columns = (torch.stack([row[k].to(device=device, dtype=dtype) for row in rows]) for k in range(3))
+    return LarsNorms(*columns)
+
+
 class LarsNorms(NamedTuple):
     """``||w||``, ``||g||`` and the trust ratio of the LARS tensors of one step, in input order.
 
@@ -282,7 +330,7 @@ class NormCollector:
             return LarsNorms(*self.parts[0])
         device = self.parts[0][0].device
         columns = []
-        for column in zip(*self.parts):
+        for column in zip(*self.parts, strict=True):
             dtype = functools.reduce(torch.promote_types, [c.dtype for c in column])
             columns.append(torch.cat([c.to(device=device, dtype=dtype) for c in column]))
         if not in_order:
@@ -299,7 +347,7 @@ def _by_device_and_dtype(
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]] = {}
     for position, first in enumerate(tensor_lists[0]):
         lists, positions = groups.setdefault((first.device, first.dtype), ([[] for _ in tensor_lists], []))
-        for column, tensors in zip(lists, tensor_lists):
+        for column, tensors in zip(lists, tensor_lists, strict=True):
             column.append(tensors[position])
         positions.append(position)
     return groups
@@ -324,7 +372,9 @@ def _trust_ratios(
     return w_norm, g_norm, trust_ratio(w_norm, g_norm, **options)
 
 
-def _pick(norms: tuple[Tensor, Tensor] | None, ranks: Sequence[int]) -> tuple[list[Tensor], list[Tensor]] | None:
+def _pick(
+    norms: tuple[Tensor, Tensor] | None, ranks: Sequence[int]
+) -> tuple[list[Tensor], list[Tensor]] | None:
     """The given norms of the LARS tensors of rank ``ranks`` (positions among the LARS tensors)."""
     if norms is None:
         return None
@@ -368,11 +418,20 @@ def lars_gradients_foreach(
     themselves. Tensors are grouped by device and dtype. ``norms`` as in ``lars_sgd_reference``.
     """
     sign = -1.0 if maximize else 1.0
-    decays = weight_decay != 0  # decided on the number (a guard under compile); the math may get a tensor
+    # decided on the number (a guard under compile); the math may get a tensor
+    decays = bool(weight_decay != 0)
     lr, weight_decay = _graph_inputs(lr, weight_decay)
-    options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
-                   unit_trust_on_zero_norm=unit_trust_on_zero_norm)
-    updates = [(-g if maximize else g) if not use_lars else g for g, use_lars in zip(grads, lars_mask, strict=True)]
+    options = dict(
+        weight_decay=weight_decay,
+        coefficient=coefficient,
+        epsilon=epsilon,
+        use_clip=use_clip,
+        lr=lr,
+        unit_trust_on_zero_norm=unit_trust_on_zero_norm,
+    )
+    updates = [
+        (-g if maximize else g) if not use_lars else g for g, use_lars in zip(grads, lars_mask, strict=True)
+    ]
     lars_index = [i for i, use_lars in enumerate(lars_mask) if use_lars]
     collector = NormCollector()
     if lars_index:
@@ -380,7 +439,8 @@ def lars_gradients_foreach(
         grouped = _by_device_and_dtype(lars_tensors)
         for (ws, gs), indices in grouped.values():
             w_norm, g_norm, coeff = _trust_ratios(ws, gs, _pick(norms, indices), **options)
-            for position, u in zip(indices, _scaled_gradients(ws, gs, coeff, weight_decay, decays, sign)):
+            scaled = _scaled_gradients(ws, gs, coeff, weight_decay, decays, sign)
+            for position, u in zip(indices, scaled, strict=True):
                 updates[lars_index[position]] = u
             collector.add(indices, w_norm, g_norm, coeff)
     return LarsGradients(updates, collector.result())
@@ -417,8 +477,14 @@ def lars_sgd_foreach(
     sign = -1.0 if maximize else 1.0
     decays, has_momentum = weight_decay != 0, momentum != 0  # decided on the numbers, before _graph_inputs
     lr, weight_decay, momentum, dampening = _graph_inputs(lr, weight_decay, momentum, dampening)
-    options = dict(weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon, use_clip=use_clip, lr=lr,
-                   unit_trust_on_zero_norm=unit_trust_on_zero_norm)
+    options = dict(
+        weight_decay=weight_decay,
+        coefficient=coefficient,
+        epsilon=epsilon,
+        use_clip=use_clip,
+        lr=lr,
+        unit_trust_on_zero_norm=unit_trust_on_zero_norm,
+    )
     collector = NormCollector()
     lars_rank = {i: rank for rank, i in enumerate(i for i, use_lars in enumerate(lars_mask) if use_lars)}
     grouped = _by_device_and_dtype([list(params), list(grads)])
@@ -437,10 +503,12 @@ def lars_sgd_foreach(
             w_norm, g_norm, coeff = _trust_ratios(lars_ws, lars_gs, given, **options)
             if cdtype != dtype:
                 one = torch.ones((), dtype=cdtype, device=device)  # u already carries the sign
-                for k, u in zip(lars_positions, _scaled_gradients(lars_ws, lars_gs, coeff, weight_decay, decays, sign)):
+                scaled = _scaled_gradients(lars_ws, lars_gs, coeff, weight_decay, decays, sign)
+                for k, u in zip(lars_positions, scaled, strict=True):
                     gs[k], a_entries[k] = u, one
             else:
-                for k, a_k, b_k in zip(lars_positions, (sign * coeff).unbind(0), (coeff * weight_decay).unbind(0)):
+                a_lars, b_lars = (sign * coeff).unbind(0), (coeff * weight_decay).unbind(0)
+                for k, a_k, b_k in zip(lars_positions, a_lars, b_lars, strict=True):
                     a_entries[k], b_entries[k] = a_k, b_k
                 has_weight_term = decays
             collector.add([lars_rank[indices[k]] for k in lars_positions], w_norm, g_norm, coeff)
@@ -454,17 +522,20 @@ def lars_sgd_foreach(
             momentum=momentum if has_momentum else None, dampening=dampening, nesterov=nesterov,
             lr_inside_momentum=lr_inside_momentum,
         )
-        for i, buf in zip(indices, buffers):
+        for i, buf in zip(indices, buffers, strict=True):
             momentum_buffers[i] = buf
     return collector.result()
 
 
-def _per_tensor(scalars: Tensor, like: Sequence[Tensor], positions: Sequence[int] | None = None) -> list[Tensor]:
-    """One entry of the vector ``scalars`` per tensor of ``like`` (the entries at ``positions``), broadcast to it."""
-    entries = scalars.unbind(0)
+def _per_tensor(
+    scalars: Tensor, like: Sequence[Tensor], positions: Sequence[int] | None = None
+) -> list[Tensor]:
+    """One entry of the vector ``scalars`` per tensor of ``like`` (the entries at ``positions``), broadcast to
+    it."""
+    entries: Sequence[Tensor] = scalars.unbind(0)
     if positions is not None:
         entries = [entries[k] for k in positions]
-    return [s.expand_as(t) for s, t in zip(entries, like)]
+    return [s.expand_as(t) for s, t in zip(entries, like, strict=True)]
 
 
 def _sub_scaled_(targets: list[Tensor], sources: list[Tensor], scale: Number) -> None:
@@ -489,8 +560,10 @@ def _momentum_step(
 ) -> None:
     """``momentum_update`` for ``u = a*g + b*w`` (b None: no weight term; momentum None: plain SGD),
     all tensors at once."""
+    filled: list[Tensor] = []
     if momentum is not None:
-        _update_buffers(ws, gs, buffers, a, b, momentum, dampening, lr if lr_inside_momentum else 1.0)
+        velocity_scale = lr if lr_inside_momentum else 1.0
+        filled = _update_buffers(ws, gs, buffers, a, b, momentum, dampening, velocity_scale)
     weight_scale = 1.0 if lr_inside_momentum else lr
     if momentum is None or nesterov:
         # w -= lr*u (+ weight_scale*m*buf); the weight term folds into one multiply, w *= 1 - lr*b.
@@ -498,9 +571,9 @@ def _momentum_step(
             torch._foreach_mul_(ws, list((1 - lr * b).unbind(0)))
         torch._foreach_addcmul_(ws, gs, _per_tensor(-lr * a, gs))
         if nesterov and momentum is not None:
-            _sub_scaled_(ws, buffers, weight_scale * momentum)
+            _sub_scaled_(ws, filled, weight_scale * momentum)
     else:
-        _sub_scaled_(ws, buffers, weight_scale)
+        _sub_scaled_(ws, filled, weight_scale)
 
 
 def _update_buffers(
@@ -512,12 +585,13 @@ def _update_buffers(
     momentum: Number,
     dampening: Number,
     velocity_scale: Number,
-) -> None:
-    """``v = m*v + (1-d)*s*u`` for existing buffers, ``v = s*u`` for new ones (filled into ``buffers``)."""
+) -> list[Tensor]:
+    """``v = m*v + (1-d)*s*u`` for existing buffers, ``v = s*u`` for new ones (filled into ``buffers``);
+    returns ``buffers``, all filled."""
     existing = [k for k, buf in enumerate(buffers) if buf is not None]
     fresh = [k for k, buf in enumerate(buffers) if buf is None]
     if existing:
-        bufs = [buffers[k] for k in existing]
+        bufs = [buf for buf in buffers if buf is not None]
         torch._foreach_mul_(bufs, momentum)
         scale = (1 - dampening) * velocity_scale
         torch._foreach_addcmul_(bufs, [gs[k] for k in existing], _per_tensor(scale * a, bufs, existing))
@@ -529,5 +603,9 @@ def _update_buffers(
         new = torch._foreach_mul(fresh_gs, [scalars[k] for k in fresh])
         if b is not None:
             torch._foreach_addcmul_(new, [ws[k] for k in fresh], _per_tensor(velocity_scale * b, new, fresh))
-        for k, buf in zip(fresh, new):
-            buffers[k] = buf.to(gs[k].dtype)  # a 0-d gradient times a 0-d float32 scalar promotes: keep g's dtype
+        for k, buf in zip(fresh, new, strict=True):
+            # a 0-d gradient times a 0-d float32 scalar promotes: keep g's dtype
+            buffers[k] = buf.to(gs[k].dtype)
+    filled = [buf for buf in buffers if buf is not None]
+    assert len(filled) == len(buffers)
+    return filled

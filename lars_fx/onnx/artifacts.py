@@ -63,17 +63,20 @@ def convert_artifacts(
 def _convert(
     source: Path, target: Path, spec: LarsSpec, *, embedding_padding: Mapping[str, Collection[int]] | None
 ) -> None:
-    """``convert_artifacts``; ``embedding_padding``: the padded lookups ``export_model`` marked (None: unknown)."""
+    """``convert_artifacts``; ``embedding_padding``: the padded lookups ``export_model`` marked (None:
+    unknown)."""
     if missing := [name for name in ARTIFACT_FILES if not (source / name).is_file()]:
-        raise ValueError(f"artifact_directory {source} lacks {missing}; generate them with an optimizer (OptimType.SGD)")
+        raise ValueError(
+            f"artifact_directory {source} lacks {missing}; generate them with an optimizer (OptimType.SGD)"
+        )
     target.mkdir(parents=True, exist_ok=True)
     gradients = LarsGradientsPass(
         spec.gradient_rules(),
-        coefficient=spec.coefficient,
-        epsilon=spec.epsilon,
-        unit_trust_on_zero_norm=spec.unit_trust_on_zero_norm,
+        coefficient=spec.options.coefficient,
+        epsilon=spec.options.epsilon,
+        unit_trust_on_zero_norm=spec.options.unit_trust_on_zero_norm,
     )
-    plan = {
+    plan: dict[str, list[ir.passes.PassBase]] = {
         "training_model.onnx": [EmbeddingPaddingPass(embedding_padding), gradients, IrVersionPass()],
         "eval_model.onnx": [IrVersionPass()],
         "optimizer_model.onnx": [MomentumOptimizerPass(spec.momentum), IrVersionPass()],
@@ -114,26 +117,31 @@ def generate_artifacts(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError("example_inputs must be a tensor or a sequence of tensors, e.g. (torch.randn(8, 784),)")
+        raise TypeError(
+            "example_inputs must be a tensor or a sequence of tensors, e.g. (torch.randn(8, 784),)"
+        )
     spec = LarsSpec.from_optimizer(optimizer, model)
     refuse_gradient_hooks(model, spec.params)
-    if batch_norms := [name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]:
+    if batch_norms := [
+        name for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]:
         raise ValueError(
-            f"batch norm layers {batch_norms} cannot be exported for on-device training: ORT's training graph "
-            "does not update their running statistics, and ORT 1.19 cannot load the eval model made for them. "
-            "Use LayerNorm or GroupNorm"
+            f"batch norm layers {batch_norms} cannot be exported for on-device training: ORT's training "
+            "graph does not update their running statistics, and ORT 1.19 cannot load the eval model made "
+            "for them. Use LayerNorm or GroupNorm"
         )
     ort_loss, torch_loss = _resolve_loss(loss)
-    exported = export_model(
-        model, inputs, trained=spec.params, loss=torch_loss, example_target=example_target, opset_version=opset_version
-    )
+    exported = export_model(model, inputs, trained=spec.params, loss=torch_loss,
+                            example_target=example_target, opset_version=opset_version)
     initializers = {i.name for i in exported.model.graph.initializer}
     if missing := sorted(set(spec.params) - initializers):
         raise ValueError(
             f"parameters {missing} are trained by the optimizer but do not appear in the exported graph "
             "(unused in forward?); keep them out of the optimizer or set requires_grad=False"
         )
-    frozen = [name for name, _ in model.named_parameters() if name in initializers and name not in spec.params]
+    frozen = [
+        name for name, _ in model.named_parameters() if name in initializers and name not in spec.params
+    ]
     destination = Path(artifact_directory) if artifact_directory is not None else Path.cwd()
     with tempfile.TemporaryDirectory(prefix="lars_fx_ort_") as scratch:
         try:
@@ -169,7 +177,9 @@ def _resolve_loss(
 ) -> tuple[ort_artifacts.LossType | onnxblock.Block | None, Callable[[Tensor, Tensor], Tensor] | None]:
     if isinstance(loss, str):
         if loss not in _LOSSES:
-            raise ValueError(f"loss must be one of {sorted(_LOSSES)}, an onnxblock.Block or a callable, got {loss!r}")
+            raise ValueError(
+                f"loss must be one of {sorted(_LOSSES)}, an onnxblock.Block or a callable, got {loss!r}"
+            )
         return _LOSSES[loss], None
     if isinstance(loss, onnxblock.Block):
         return loss, None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lars_fx.functional import LarsOptions
 from lars_fx.optimizer import LARS
 from lars_fx.passes.onnx_lars_gradients import GradientRule
 
@@ -43,12 +44,11 @@ class LarsSpec:
     lr: float
     momentum: float
     params: Mapping[str, ParamSpec]
-    coefficient: float = 0.001
-    epsilon: float = 1e-5
-    unit_trust_on_zero_norm: bool = False
+    options: LarsOptions = field(default_factory=LarsOptions)
     momentum_buffers: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _refuse_options(self.options)
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
@@ -61,9 +61,10 @@ class LarsSpec:
         for name, param in self.params.items():
             if param.dampening != 0 and self.momentum != 0 and name not in self.momentum_buffers:
                 raise ValueError(
-                    f"dampening={param.dampening} can be exported only with momentum buffers (after the first "
-                    f"optimizer step), and {name!r} has none: ORT's momentum starts from zero, so its first step "
-                    "would give (1 - dampening) * u where torch gives u. Export after a step or use dampening=0"
+                    f"dampening={param.dampening} can be exported only with momentum buffers (after the "
+                    f"first optimizer step), and {name!r} has none: ORT's momentum starts from zero, so its "
+                    "first step would give (1 - dampening) * u where torch gives u. Export after a step or "
+                    "use dampening=0"
                 )
         if unknown := sorted(set(self.momentum_buffers) - set(self.params)):
             raise ValueError(f"momentum_buffers has entries for unknown parameters {unknown}")
@@ -94,32 +95,21 @@ class LarsSpec:
         """
         if not isinstance(optimizer, LARS):
             raise TypeError(
-                f"optimizer must be a lars_fx.LARS, got {type(optimizer).__name__}; for plain SGD or AdamW use "
-                "onnxruntime.training.artifacts.generate_artifacts directly"
+                f"optimizer must be a lars_fx.LARS, got {type(optimizer).__name__}; for plain SGD or AdamW "
+                "use onnxruntime.training.artifacts.generate_artifacts directly"
             )
         if type(optimizer.optimizer) is not torch.optim.SGD:
             raise ValueError(
-                f"the ONNX export supports LARS over torch.optim.SGD only, got {type(optimizer.optimizer).__name__}; "
+                "the ONNX export supports LARS over torch.optim.SGD only, got "
+                f"{type(optimizer.optimizer).__name__}; "
                 "wrap torch.optim.SGD(model.named_parameters(), lr=..., momentum=...)"
             )
-        _refuse(
-            optimizer.use_clip,
-            "use_clip=True",
-            "the clip divides by the learning rate, which ONNX Runtime keeps in the optimizer graph where "
-            "parameters are unnamed (their order changes between runs); set_learning_rate could not reach the "
-            "training graph. Use use_clip=False",
-        )
-        _refuse(
-            optimizer.lr_inside_momentum,
-            "lr_inside_momentum=True",
-            "ONNX Runtime's optimizer multiplies the velocity by the current lr (torch's form); the paper's form "
-            "would need the lr in the training graph. Use lr_inside_momentum=False",
-        )
+        _refuse_options(optimizer.options)
         _refuse(
             optimizer.skip_nonfinite,
             "skip_nonfinite=True",
-            "ONNX Runtime's Optimizer.step cannot skip a step from inside its graph. Use skip_nonfinite=False "
-            "and check the loss on the device",
+            "ONNX Runtime's Optimizer.step cannot skip a step from inside its graph. Use "
+            "skip_nonfinite=False and check the loss on the device",
         )
 
         names = _parameter_names(optimizer, model)
@@ -127,8 +117,8 @@ class LarsSpec:
         momenta = {float(g["momentum"]) for g in groups}
         if len(momenta) != 1:
             raise ValueError(
-                f"param groups have different momentum values {sorted(momenta)}; ONNX Runtime's optimizer node has "
-                "one momentum for all parameters. Use one momentum"
+                f"param groups have different momentum values {sorted(momenta)}; ONNX Runtime's optimizer "
+                "node has one momentum for all parameters. Use one momentum"
             )
         momentum = momenta.pop()
         if any(g["nesterov"] for g in groups):
@@ -143,15 +133,18 @@ class LarsSpec:
             lr = float(group["lr"])
             if base_lr == 0 and lr != 0:
                 raise ValueError(
-                    f"param_groups[0] has lr=0 but param_groups[{group_index}] has lr={lr}; ONNX Runtime has one "
-                    "learning rate (param_groups[0]'s) and the others are exported as fixed multiples of it"
+                    f"param_groups[0] has lr=0 but param_groups[{group_index}] has lr={lr}; ONNX Runtime has "
+                    "one learning rate (param_groups[0]'s) and the others are exported as fixed multiples of "
+                    "it"
                 )
             mask = optimizer.lars_mask(group_index)
             for param, use_lars in zip(group["params"], mask, strict=True):
                 if not param.requires_grad:
                     continue
                 if param.dtype != torch.float32:
-                    raise ValueError(f"parameter {names[id(param)]!r} is {param.dtype}; the export supports float32")
+                    raise ValueError(
+                        f"parameter {names[id(param)]!r} is {param.dtype}; the export supports float32"
+                    )
                 name = names[id(param)]
                 params[name] = ParamSpec(
                     lars=use_lars,
@@ -167,11 +160,25 @@ class LarsSpec:
             lr=base_lr,
             momentum=momentum,
             params=params,
-            coefficient=optimizer.coefficient,
-            epsilon=optimizer.epsilon,
-            unit_trust_on_zero_norm=optimizer.unit_trust_on_zero_norm,
+            options=optimizer.options,
             momentum_buffers=buffers,
         )
+
+
+def _refuse_options(options: LarsOptions) -> None:
+    _refuse(
+        options.use_clip,
+        "use_clip=True",
+        "the clip divides by the learning rate, which ONNX Runtime keeps in the optimizer graph where "
+        "parameters are unnamed (their order changes between runs); set_learning_rate could not reach the "
+        "training graph. Use use_clip=False",
+    )
+    _refuse(
+        options.lr_inside_momentum,
+        "lr_inside_momentum=True",
+        "ONNX Runtime's optimizer multiplies the velocity by the current lr (torch's form); the paper's form "
+        "would need the lr in the training graph. Use lr_inside_momentum=False",
+    )
 
 
 def _refuse(flag: bool, option: str, why: str) -> None:
@@ -192,12 +199,13 @@ def _parameter_names(optimizer: LARS, model: torch.nn.Module | None) -> dict[int
                 continue
             if model is not None:
                 raise ValueError(
-                    f"param_groups[{group_index}]['params'][{index}] is not a parameter of the model being exported"
+                    f"param_groups[{group_index}]['params'][{index}] is not a parameter of the model being "
+                    "exported"
                 )
             if not group_names:
                 raise ValueError(
-                    f"param_groups[{group_index}] has no 'param_names'; build the SGD from model.named_parameters() "
-                    "so its names match the ONNX initializers"
+                    f"param_groups[{group_index}] has no 'param_names'; build the SGD from "
+                    "model.named_parameters() so its names match the ONNX initializers"
                 )
             names[id(param)] = group_names[index]
     return names
