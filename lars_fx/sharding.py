@@ -21,10 +21,16 @@ them. It uses functional collectives, which run eagerly and which Inductor compi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from . import _compat
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "NormReduction",
@@ -36,7 +42,7 @@ __all__ = [
 ]
 
 
-def is_dtensor(tensor: object) -> bool:
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
     if not dist.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -60,13 +66,13 @@ def local_gradient(param: Tensor, grad: Tensor, name: str) -> Tensor:
         return grad
     if not is_dtensor(grad):
         raise ValueError(
-            f"LARS got a plain gradient for the DTensor parameter {name}: a sharded parameter needs a DTensor "
-            "gradient of the same mesh (as autograd, FSDP2 and tensor parallelism produce)"
+            f"LARS got a plain gradient for the DTensor parameter {name}: a sharded parameter needs a "
+            "DTensor gradient of the same mesh (as autograd, FSDP2 and tensor parallelism produce)"
         )
     if grad.device_mesh != param.device_mesh:
         raise ValueError(
-            f"the gradient of {name} is on device mesh {grad.device_mesh}, its parameter on {param.device_mesh}: "
-            "LARS needs them on one mesh"
+            f"the gradient of {name} is on device mesh {grad.device_mesh}, its parameter on "
+            f"{param.device_mesh}: LARS needs them on one mesh"
         )
     if tuple(grad.placements) != tuple(param.placements):
         grad = grad.redistribute(param.device_mesh, param.placements)
@@ -87,13 +93,14 @@ def wrap_like(param: Tensor, piece: Tensor) -> Tensor:
 def refuse_flat_parameters(params: Sequence[Tensor], names: Sequence[str]) -> None:
     """FSDP1 (``FullyShardedDataParallel``) hands the optimizer slices of a flat buffer: a rank's slice cuts
     layers at arbitrary points, so a per-tensor trust ratio of it would be wrong. Refuse before any step."""
-    for param, name in zip(params, names):
-        if getattr(param, "_fsdp_flattened", False):
+    for param, name in zip(params, names, strict=True):
+        if _compat.is_fsdp1_flat_parameter(param):
             raise ValueError(
-                f"LARS cannot step {name}: it is a flat-parameter slice of FSDP1 (FullyShardedDataParallel), whose "
-                "ranks hold arbitrary pieces of several layers, so a layer's norm is not the norm of any one tensor "
-                "LARS sees. Shard the model with FSDP2 instead (torch.distributed.fsdp.fully_shard), whose "
-                "parameters are DTensors that LARS reduces exactly, or use DistributedDataParallel"
+                f"LARS cannot step {name}: it is a flat-parameter slice of FSDP1 (FullyShardedDataParallel), "
+                "whose ranks hold arbitrary pieces of several layers, so a layer's norm is not the norm of "
+                "any one tensor LARS sees. Shard the model with FSDP2 instead "
+                "(torch.distributed.fsdp.fully_shard), whose parameters are DTensors that LARS reduces "
+                "exactly, or use DistributedDataParallel"
             )
 
 
@@ -123,8 +130,8 @@ class NormReduction:
     def of(cls, params: Sequence[Tensor], names: Sequence[str]) -> NormReduction | None:
         """The reduction for the LARS parameters ``params``; None when none is sharded (nothing to reduce).
 
-        A parameter with a ``Partial`` placement is refused (a parameter holds values, not partial sums), and so
-        are parameters sharded along process groups that are not dimensions of one mesh.
+        A parameter with a ``Partial`` placement is refused (a parameter holds values, not partial sums), and
+        so are parameters sharded along process groups that are not dimensions of one mesh.
         """
         if not any(is_dtensor(p) for p in params):
             return None
@@ -140,7 +147,8 @@ class NormReduction:
                             f"LARS got parameter {name} with a Partial placement on mesh dimension {dim}: a "
                             "parameter must hold its values (Shard or Replicate); redistribute it first"
                         )
-                    # Any placement but Replicate splits the tensor (Shard, and e.g. FSDP2's _StridedShard over TP).
+                    # Any placement but Replicate splits the tensor (Shard, and e.g. FSDP2's _StridedShard
+                    # over TP).
                     if not placement.is_replicate() and mesh.size(dim) > 1:
                         group = mesh.get_group(dim)
                         ranks = _ranks(group)
@@ -152,7 +160,9 @@ class NormReduction:
         _check_orthogonal(list(groups), sharded_along, names)
         rank = dist.get_rank()
         # Along a group it is not sharded along, a parameter's piece counts on the group's first rank only.
-        weights = [float(all(ranks in along or ranks[0] == rank for ranks in groups)) for along in sharded_along]
+        weights = [
+            float(all(ranks in along or ranks[0] == rank for ranks in groups)) for along in sharded_along
+        ]
         return cls([groups[ranks] for ranks in sorted(groups, key=_order)], weights)
 
     def reduce(self, squared: Tensor, weights: Sequence[float]) -> Tensor:
@@ -178,31 +188,26 @@ def _check_orthogonal(
     for i, first in enumerate(groups):
         for second in groups[i + 1 :]:
             if len(set(first) & set(second)) != 1:
-                on = {}
-                for along, name in zip(sharded_along, names):
+                on: dict[tuple[int, ...], str] = {}
+                for along, name in zip(sharded_along, names, strict=True):
                     for ranks in along:
                         on.setdefault(ranks, name)
                 raise ValueError(
-                    f"LARS cannot reduce the norms of {on[first]} and {on[second]}: they are sharded along process "
-                    f"groups {list(first)} and {list(second)}, which are not dimensions of one device mesh. Put every "
-                    "parameter on one DeviceMesh or on submeshes of it (e.g. mesh['dp'] and mesh['tp'])"
+                    f"LARS cannot reduce the norms of {on[first]} and {on[second]}: they are sharded along "
+                    f"process groups {list(first)} and {list(second)}, which are not dimensions of one "
+                    "device mesh. Put every parameter on one DeviceMesh or on submeshes of it (e.g. "
+                    "mesh['dp'] and mesh['tp'])"
                 )
 
 
 def _all_reduce(tensor: Tensor, op: str, group: dist.ProcessGroup) -> Tensor:
-    import torch.distributed._functional_collectives as funcol
-
-    reduced = funcol.all_reduce(tensor, op, group)
-    if isinstance(reduced, funcol.AsyncCollectiveTensor):
-        reduced = reduced.wait()
-    return reduced
+    return _compat.functional_all_reduce(tensor, op, group)
 
 
 def squared_norms(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """``sum(t**2)`` of each tensor in ``dtype``, as 0-d tensors (one multi-tensor kernel where torch has it)."""
+    """``sum(t**2)`` of each tensor in ``dtype``, as 0-d tensors (one multi-tensor kernel where torch has
+    one)."""
     if not tensors:
         return []
-    # torch >= 2.13 has the multi-tensor kernel; Dynamo cannot trace it (and Inductor fuses the plain form anyway).
-    if hasattr(torch, "_foreach_powsum") and not torch.compiler.is_compiling():
-        return list(torch._foreach_powsum(list(tensors), 2, dtype=dtype))
-    return [torch.sum(torch.square(t.to(dtype))) for t in tensors]
+    one_kernel = _compat.foreach_powsum(tensors, dtype)  # under Dynamo, Inductor fuses the plain form anyway
+    return one_kernel if one_kernel is not None else [torch.sum(torch.square(t.to(dtype))) for t in tensors]

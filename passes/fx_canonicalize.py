@@ -4,7 +4,8 @@ Pattern: any Python callable or GraphModule that runs ``torch.optim.SGD``'s upda
 foreach form, or the graph Dynamo made of ``SGD.step``).
 Rewrite: ``make_fx`` under ``functionalize`` with fake tensors, so the result is ATen ops without
 mutation or views, followed by one ``aten.copy_`` per mutated input (parameters, momentum buffers);
-``copy(w, v)`` of equal shapes is ``v``; ``add(x, mul(y, c))`` with a number ``c`` is ``add(x, y, alpha=c)``; the multi-tensor ops (``aten._foreach_*``) and Dynamo's ``prims.fma`` are decomposed into per-tensor
+``copy(w, v)`` of equal shapes is ``v``; ``add(x, mul(y, c))`` with a number ``c`` is ``add(x, y, alpha=c)``;
+the multi-tensor ops (``aten._foreach_*``) and Dynamo's ``prims.fma`` are decomposed into per-tensor
 ``aten.add/mul/neg`` so both forms of SGD reach the match pass as the same per-parameter chain.
 Symbolic scalars become 0-d tensors: Dynamo hands a float that changes between calls (a scheduled lr,
 momentum, weight decay or dampening) to the backend as a 0-d float64 tensor read with ``.item()``;
@@ -21,12 +22,14 @@ tensors and never touches the real ones.
 
 from __future__ import annotations
 
-import contextlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from lars_fx._compat import as_compiling
 
 from .fx_spec import PatternMismatch
 
@@ -68,17 +71,6 @@ def _decompositions() -> dict:
     return table
 
 
-@contextlib.contextmanager
-def _as_compiling() -> Iterator[None]:
-    # SGD's foreach form keeps a tensor lr in the graph only "when compiling"; this trace is a compile.
-    previous = torch.compiler._is_compiling_flag
-    torch.compiler._is_compiling_flag = True
-    try:
-        yield
-    finally:
-        torch.compiler._is_compiling_flag = previous
-
-
 def _drop_same_shape_copies(gm: torch.fx.GraphModule) -> None:
     # `w.copy_(v)` functionalizes to `copy_(w, copy(w, v))`; with equal shape and dtype copy(w, v) is v.
     for node in list(gm.graph.nodes):
@@ -96,10 +88,12 @@ def _fold_scalar_multipliers(gm: torch.fx.GraphModule) -> None:
     # `add_(d, alpha=1 - dampening)` and `add_(dir, alpha=-lr)` one way or the other across torch
     # versions (2.11 spells them with a mul), and the match pass reads the alpha form.
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
+        is_add = node.op == "call_function" and node.target is aten.add.Tensor
+        if not is_add or node.kwargs.get("alpha", 1) != 1:
             continue
         x, scaled = node.args
-        if not (isinstance(scaled, torch.fx.Node) and scaled.target is aten.mul.Tensor and len(scaled.users) == 1):
+        is_mul = isinstance(scaled, torch.fx.Node) and scaled.target is aten.mul.Tensor
+        if not (is_mul and len(scaled.users) == 1):
             continue
         y, factor = scaled.args
         if isinstance(factor, (int, float)) and not isinstance(factor, bool) and isinstance(y, torch.fx.Node):
@@ -120,7 +114,8 @@ _SCALAR_OVERLOADS = {aten.add.Scalar: aten.add.Tensor, aten.sub.Scalar: aten.sub
 
 
 def is_scalar_tensor(node: object) -> bool:
-    """Whether ``node`` is a hyperparameter made a 0-d tensor by ``canonicalize`` (see the module docstring)."""
+    """Whether ``node`` is a hyperparameter made a 0-d tensor by ``canonicalize`` (see the module
+    docstring)."""
     return isinstance(node, torch.fx.Node) and node.meta.get("lars_fx_scalar", False)
 
 
@@ -132,7 +127,7 @@ def _tensorify_scalars(gm: torch.fx.GraphModule) -> None:
     graph = gm.graph
     as_tensor: dict[torch.fx.Node, torch.fx.Node] = {}
 
-    def made(target: object, args: tuple) -> torch.fx.Node:
+    def made(target: Any, args: tuple) -> torch.fx.Node:
         node = graph.call_function(target, args)
         node.meta["lars_fx_scalar"] = True
         return node
@@ -140,7 +135,7 @@ def _tensorify_scalars(gm: torch.fx.GraphModule) -> None:
     def tensor_of(node: torch.fx.Node) -> torch.fx.Node:
         if node in as_tensor:
             return as_tensor[node]
-        args = node.args
+        args: tuple[Any, ...] = node.args
         with graph.inserting_before(node.next):  # in order, right after the scalar
             if node.target is aten._local_scalar_dense.default:
                 source = args[0]
@@ -184,8 +179,9 @@ def _tensorify_scalars(gm: torch.fx.GraphModule) -> None:
         still = [a for a in (*node.args, *node.kwargs.values()) if _is_symbolic(a)]
         if still:
             raise PatternMismatch(
-                node, "hyperparameter as a tensor", f"{still[0].name}, a symbolic scalar (a float that changes "
-                f"between steps), is an argument of {node.target}, which the passes cannot give a tensor",
+                node, "hyperparameter as a tensor", f"{still[0].name}, a symbolic scalar (a float that "
+                f"changes between steps), is an argument of {node.target}, which the passes cannot give a "
+                "tensor",
             )
     for node in reversed(list(graph.nodes)):
         if _is_symbolic(node) and not node.users:
@@ -197,7 +193,8 @@ def _tensorify_scalars(gm: torch.fx.GraphModule) -> None:
 def canonicalize(step: Callable, example_inputs: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
     """Trace ``step(*example_inputs)`` into the canonical ATen graph (see the module docstring)."""
     functional = torch.func.functionalize(step, remove="mutations_and_views")
-    with torch.no_grad(), _as_compiling():
+    # as_compiling: SGD's foreach form keeps a tensor lr in the graph only when compiling.
+    with torch.no_grad(), as_compiling():
         gm = make_fx(functional, decomposition_table=_decompositions(), tracing_mode="fake")(*example_inputs)
     _drop_same_shape_copies(gm)
     _tensorify_scalars(gm)

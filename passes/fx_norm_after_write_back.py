@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
-from torch._inductor.pattern_matcher import stable_topological_sort
+
+from lars_fx._compat import CustomGraphPass, hash_of_files, stable_topological_sort
 
 __all__ = ["NormAfterWriteBack"]
 
@@ -38,7 +38,10 @@ def _is(node: object, *targets: object) -> bool:
 def _squares(node: torch.fx.Node, source: torch.fx.Node) -> bool:
     if _is(node, aten.mul.Tensor):
         return node.args[0] is source and node.args[1] is source
-    return _is(node, aten.pow.Tensor_Scalar) and node.args[0] is source and node.args[1] == 2
+    if not _is(node, aten.pow.Tensor_Scalar):
+        return False
+    exponent = node.args[1]
+    return node.args[0] is source and isinstance(exponent, (int, float)) and exponent == 2
 
 
 def _is_squared_norm(first: torch.fx.Node, value: torch.fx.Node) -> bool:
@@ -56,15 +59,21 @@ def _is_squared_norm(first: torch.fx.Node, value: torch.fx.Node) -> bool:
 
 def _same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     va, vb = a.meta.get("val"), b.meta.get("val")
-    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype and va.shape == vb.shape
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    return va.dtype == vb.dtype and va.shape == vb.shape
 
 
 class NormAfterWriteBack(CustomGraphPass):
+    name = "norm_after_write_back"
+
     def __call__(self, graph: torch.fx.Graph) -> None:
         changed = False
         for write in [n for n in graph.nodes if _is(n, aten.copy_.default)]:
             target, value = write.args[0], write.args[1]
-            if not isinstance(value, torch.fx.Node) or target.op != "placeholder" or not _same_layout(target, value):
+            if not isinstance(value, torch.fx.Node) or target.op != "placeholder":
+                continue
+            if not _same_layout(target, value):
                 continue
             for user in list(value.users):
                 if user is not write and _is_squared_norm(user, value):
@@ -75,4 +84,4 @@ class NormAfterWriteBack(CustomGraphPass):
             graph.lint()
 
     def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
+        return hash_of_files((__file__,))
