@@ -1,10 +1,10 @@
 """The ``lars-fx`` command: inspect the compiled LARS step, export ONNX training artifacts, benchmark.
 
 ``inspect`` and ``export`` take ``MODULE:FACTORY``: a function that takes no arguments and returns
-``(model, optimizer)`` or ``(model, optimizer, example_inputs)``, where ``optimizer`` is a
-``lars_fx.LARS`` over the model's parameters and ``example_inputs`` is a tensor or a tuple of tensors
-the model is called with. ``MODULE`` is a dotted module name (found from the current folder too) or a
-path to a ``.py`` file.
+``(model, optimizer)`` or ``(model, optimizer, example_inputs)``, where ``optimizer`` is a ``lars_fx.LARS``
+(or, for ``inspect``, a ``lars_fx.LAMB``) over the model's parameters and ``example_inputs`` is a tensor or a
+tuple of tensors the model is called with. ``MODULE`` is a dotted module name (found from the current folder
+too) or a path to a ``.py`` file.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .lamb import LAMB
 from .optimizer import LARS
 
 __all__ = ["main", "Built", "load_factory", "build"]
@@ -37,7 +39,8 @@ PROG = "lars-fx"
 FACTORY_HELP = """\
 MODULE:FACTORY names a function taking no arguments that returns
   (model, optimizer)  or  (model, optimizer, example_inputs)
-with optimizer a lars_fx.LARS over the model's parameters and example_inputs a tensor or a tuple of
+with optimizer a lars_fx.LARS (inspect: or a lars_fx.LAMB) over the model's parameters and
+example_inputs a tensor or a tuple of
 tensors for model(*example_inputs). MODULE is a dotted module name (the current folder is searched
 too) or a path to a .py file.
 
@@ -60,7 +63,7 @@ class MissingFeature(Exception):
 
 class Built(NamedTuple):
     model: nn.Module
-    optimizer: LARS
+    optimizer: LARS | LAMB
     example_inputs: tuple[Tensor, ...] | None
 
 
@@ -79,16 +82,21 @@ def _import(module_ref: str) -> ModuleType:
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses and pickling look modules up here
         sys.path.insert(0, str(path.resolve().parent))  # as `python file.py` would: its neighbours import
-        _run_user_code(f"importing {module_ref}", lambda: spec.loader.exec_module(module))
+        loader = spec.loader
+        _run_user_code(f"importing {module_ref}", lambda: loader.exec_module(module))
         return module
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         return _run_user_code(f"importing {module_ref}", lambda: importlib.import_module(module_ref))
     except UsageError as error:
-        if isinstance(error.__cause__, ModuleNotFoundError) and error.__cause__.name == module_ref.split(".")[0]:
+        if (
+            isinstance(error.__cause__, ModuleNotFoundError)
+            and error.__cause__.name == module_ref.split(".")[0]
+        ):
             raise UsageError(
-                f"no module named {module_ref!r} (run from the folder that holds it, or give a path to a .py file)"
+                f"no module named {module_ref!r} (run from the folder that holds it, or give a path to a .py "
+                "file)"
             ) from None
         raise
 
@@ -108,7 +116,9 @@ def load_factory(ref: str) -> Callable[[], Any]:
     """Resolve ``MODULE:FACTORY`` to the function."""
     module_ref, sep, name = ref.rpartition(":")
     if not sep or not module_ref or not name:
-        raise UsageError(f"expected MODULE:FACTORY (e.g. my_models:tiny or path/to/file.py:tiny), got {ref!r}")
+        raise UsageError(
+            f"expected MODULE:FACTORY (e.g. my_models:tiny or path/to/file.py:tiny), got {ref!r}"
+        )
     module = _import(module_ref)
     factory = getattr(module, name, None)
     if factory is None:
@@ -123,22 +133,25 @@ def build(ref: str) -> Built:
     result = _run_user_code(f"calling {ref}", load_factory(ref))
     if not isinstance(result, tuple) or len(result) not in (2, 3):
         raise UsageError(
-            f"{ref} must return (model, optimizer) or (model, optimizer, example_inputs), got {_describe(result)}"
+            f"{ref} must return (model, optimizer) or (model, optimizer, example_inputs), got "
+            f"{_describe(result)}"
         )
     model, optimizer, *rest = result
     if not isinstance(model, nn.Module):
         raise UsageError(f"{ref} returned {_describe(model)} as the model; expected a torch.nn.Module")
-    if not isinstance(optimizer, LARS):
+    if not isinstance(optimizer, (LARS, LAMB)):
         raise UsageError(
-            f"{ref} returned {_describe(optimizer)} as the optimizer; expected a lars_fx.LARS, "
-            "e.g. lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9))"
+            f"{ref} returned {_describe(optimizer)} as the optimizer; expected a lars_fx.LARS (or a "
+            "lars_fx.LAMB), e.g. "
+            "lars_fx.LARS(torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9))"
         )
     inputs = None
     if rest:
         inputs = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
         if not inputs or not all(isinstance(t, Tensor) for t in inputs):
             raise UsageError(
-                f"{ref} returned {_describe(rest[0])} as example_inputs; expected a tensor or a tuple of tensors"
+                f"{ref} returned {_describe(rest[0])} as example_inputs; expected a tensor or a tuple of "
+                "tensors"
             )
     return Built(model, optimizer, inputs)
 
@@ -199,7 +212,9 @@ def native_stderr_hidden() -> Iterator[None]:
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         if python_on_fd2:
-            sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding, errors="replace")
+            sys.stderr = os.fdopen(
+                os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding, errors="replace"
+            )
         try:
             yield
         finally:
@@ -224,8 +239,8 @@ def _out_dir(path: Path) -> Path:
 def _make_gradients(built: Built) -> None:
     """One forward/backward on the example inputs; without inputs, random gradients (the graph
     of a step depends on the shapes and dtypes only)."""
-    if built.example_inputs is not None:
-        output = _run_user_code("the forward pass on example_inputs", lambda: built.model(*built.example_inputs))
+    if (inputs := built.example_inputs) is not None:
+        output = _run_user_code("the forward pass on example_inputs", lambda: built.model(*inputs))
         if not isinstance(output, Tensor):
             raise UsageError(f"the model returned {_describe(output)}; inspect needs a tensor output")
         built.optimizer.zero_grad()
@@ -243,20 +258,23 @@ def _make_gradients(built: Built) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     out = _out_dir(args.out) if args.out else None
     from .fused import inspect_step
+    from .fused_lamb import inspect_lamb_step
+
     with status(f"building {args.factory}"):
         built = build(args.factory)
-        inner = type(built.optimizer.optimizer)
-        if inner is not torch.optim.SGD:
+        optimizer = built.optimizer
+        if isinstance(optimizer, LARS) and type(optimizer.optimizer) is not torch.optim.SGD:
             raise UsageError(
                 "inspect shows the fused step, which is LARS over torch.optim.SGD; "
-                f"{args.factory}'s LARS wraps {inner.__name__}"
+                f"{args.factory}'s LARS wraps {type(optimizer.optimizer).__name__}"
             )
         _make_gradients(built)
-    with status("capturing one LARS step, running the passes, compiling with Inductor"):
-        report = inspect_step(built.optimizer)
+    algorithm = "LAMB" if isinstance(optimizer, LAMB) else "LARS"
+    with status(f"capturing one {algorithm} step, running the passes, compiling with Inductor"):
+        report = inspect_lamb_step(optimizer) if isinstance(optimizer, LAMB) else inspect_step(optimizer)
     if report.fallback is not None:
         print(
-            f"{PROG} inspect: the passes do not match this step, so LARS(fused=True) runs it eagerly: "
+            f"{PROG} inspect: the passes do not match this step, so {algorithm}(fused=True) runs it eagerly: "
             f"{report.fallback}",
             file=sys.stderr,
         )
@@ -300,12 +318,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         built = build(args.factory)
     if built.example_inputs is None:
         raise UsageError(f"{args.factory} must return (model, optimizer, example_inputs) for export")
+    if isinstance(built.optimizer, LAMB):
+        raise UsageError(
+            f"{args.factory} returned a lars_fx.LAMB; export writes LARS training artifacts only (ONNX "
+            "Runtime's training runtime runs only its own AdamW and SGD optimizer nodes)"
+        )
     ort_log = nullcontext() if args.verbose else native_stderr_hidden()
     with status(f"exporting ONNX training artifacts to {out}"), ort_log:
         try:
-            generate_artifacts(
-                built.model, built.example_inputs, optimizer=built.optimizer, loss=args.loss, artifact_directory=out
-            )
+            generate_artifacts(built.model, built.example_inputs, optimizer=built.optimizer, loss=args.loss,
+                               artifact_directory=out)
         except (ValueError, TypeError) as error:  # the exporter's refusals name the option to change
             raise UsageError(f"cannot export {args.factory}: {_first_line(error)}") from error
     for path in sorted(out.iterdir()):
@@ -328,7 +350,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         unknown = [p for p in args.peers if p not in usable]
         if unknown:
             raise UsageError(
-                f"--peers: {', '.join(unknown)} not available on {resolved.type}; choose from {', '.join(usable)}"
+                f"--peers: {', '.join(unknown)} not available on {resolved.type}; choose from "
+                f"{', '.join(usable)}"
             )
     if args.out is not None and not args.out.parent.is_dir():
         raise UsageError(f"--out {args.out}: folder {args.out.parent} does not exist")
@@ -385,16 +408,19 @@ def make_parser() -> argparse.ArgumentParser:
         "  lars-fx bench --model vitl --device cuda\n\n"
         "Run 'lars-fx COMMAND --help' for a command's options.",
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})")
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {__version__} (torch {torch.__version__})"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     inspect = commands.add_parser(
         "inspect",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="capture one LARS step, show the graph before and after each pass",
+        help="capture one LARS (or LAMB) step, show the graph before and after each pass",
         description=_para(
-            "Build the model and optimizer FACTORY returns, capture one optimizer step as an FX "
-            "graph, run lars-fx's passes and Inductor over it, and print the pass pipeline, the graph "
+            "Build the model and optimizer FACTORY returns (a lars_fx.LARS over SGD, or a lars_fx.LAMB), "
+            "capture one optimizer step as an FX graph, run lars-fx's passes and Inductor over it, and print "
+            "the pass pipeline, the graph "
             "before and after each pass, and the node and kernel counts."
         )
         + "\n\n"
@@ -424,7 +450,9 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "factory", metavar="MODULE:FACTORY", help="function returning (model, optimizer, example_inputs)"
     )
-    export.add_argument("--out", type=Path, metavar="DIR", required=True, help="folder for the artifacts (created)")
+    export.add_argument(
+        "--out", type=Path, metavar="DIR", required=True, help="folder for the artifacts (created)"
+    )
     export.add_argument(
         "--loss",
         choices=("mse", "cross_entropy"),
@@ -449,9 +477,8 @@ def make_parser() -> argparse.ArgumentParser:
         "  lars-fx bench --model vitl --device cuda --out bench.md\n"
         "  lars-fx bench --peers lars_foreach sgd_foreach --iters 5",
     )
-    bench.add_argument(
-        "--model", choices=("resnet50", "vitl"), default="resnet50", help="whose parameter shapes (default: resnet50)"
-    )
+    bench.add_argument("--model", choices=("resnet50", "vitl"), default="resnet50",
+                       help="whose parameter shapes (default: resnet50)")
     bench.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     bench.add_argument(
         "--peers",
@@ -459,16 +486,16 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="PEER",
         help=f"only these peers (default: all that run on the device); peers: {', '.join(PEERS)}",
     )
-    bench.add_argument(
-        "--warmup", type=_at_least(0), default=3, help="untimed steps first; compiles happen here (default: 3)"
-    )
+    bench.add_argument("--warmup", type=_at_least(0), default=3,
+                       help="untimed steps first; compiles happen here (default: 3)")
     bench.add_argument(
         "--iters", type=_at_least(1), default=20, help="timed steps; the median is reported (default: 20)"
     )
     bench.add_argument(
         "--threads",
         type=_at_least(1),
-        help="torch CPU threads (default: torch's); on a CPU shared with other jobs, 1 gives steadier eager times",
+        help="torch CPU threads (default: torch's); on a CPU shared with other jobs, 1 gives steadier eager "
+        "times",
     )
     bench.add_argument("--out", type=Path, metavar="FILE", help="also write the table to FILE")
     bench.set_defaults(run=cmd_bench)

@@ -62,6 +62,11 @@ def frozen():
     return model, optimizer, inputs
 
 
+def lamb():
+    model = _model()
+    return model, lars_fx.LAMB(model.named_parameters(), weight_decay=0.01), torch.randn(3, 4)
+
+
 def broken():
     raise RuntimeError("the factory broke\\nsecond line")
 
@@ -138,11 +143,13 @@ def test_bad_factory_reference(capsys, ref, message):
     [
         ("missing", "has no attribute 'missing'"),
         ("NOT_A_FUNCTION", "is a int, not a function"),
-        ("only_model", "must return (model, optimizer) or (model, optimizer, example_inputs), got a Sequential"),
-        ("plain_sgd", "returned a SGD as the optimizer; expected a lars_fx.LARS"),
+        ("only_model",
+         "must return (model, optimizer) or (model, optimizer, example_inputs), got a Sequential"),
+        ("plain_sgd", "returned a SGD as the optimizer; expected a lars_fx.LARS (or a lars_fx.LAMB)"),
         ("bad_inputs", "returned a list as example_inputs"),
         ("broken", "calling {path}:broken failed: RuntimeError: the factory broke"),
-        ("over_adam", "the fused step, which is LARS over torch.optim.SGD; {path}:over_adam's LARS wraps Adam"),
+        ("over_adam",
+         "the fused step, which is LARS over torch.optim.SGD; {path}:over_adam's LARS wraps Adam"),
         ("frozen", "the backward pass failed: RuntimeError: element 0 of tensors does not require grad"),
     ],
 )
@@ -183,6 +190,13 @@ def test_inspect_prints_pipeline_graphs_and_counts(capsys, factories):
     assert "graph" in out.lower()
 
 
+def test_inspect_shows_the_lamb_pipeline(capsys, factories):
+    assert main(["inspect", f"{factories}:lamb"]) == 0
+    out = capsys.readouterr().out
+    assert "match_adam_update" in out and "rewrite_lamb_update" in out and "lamb_trust_ratio" in out
+    assert "kernels" in out
+
+
 def test_inspect_without_inputs_writes_stages_to_a_folder(capsys, factories, tmp_path):
     out = tmp_path / "ir"
     assert main(["inspect", f"{factories}:no_inputs", "--out", str(out)]) == 0
@@ -219,6 +233,12 @@ def test_export_hides_onnx_runtime_log_unless_verbose(capfd, factories, tmp_path
     assert "[I:onnxruntime" in capfd.readouterr().err
 
 
+def test_export_refuses_lamb_in_one_line(capsys, factories, tmp_path):
+    assert main(["export", f"{factories}:lamb", "--out", str(tmp_path / "a")]) == 2
+    error = _error_line(capsys, "export")
+    assert "returned a lars_fx.LAMB; export writes LARS training artifacts only" in error
+
+
 def test_export_refusal_is_one_line(capsys, factories, tmp_path):
     assert main(["export", f"{factories}:clipped", "--out", str(tmp_path / "a")]) == 2
     assert "use_clip=True cannot be exported" in _error_line(capsys, "export")
@@ -229,7 +249,8 @@ def test_export_refusal_is_one_line(capsys, factories, tmp_path):
 
 def test_bench_prints_the_table_with_progress(capsys, tmp_path):
     table = tmp_path / "bench.md"
-    argv = ["bench", "--device", "cpu", "--peers", "lars_foreach", "sgd_foreach", "--warmup", "1", "--iters", "2"]
+    argv = ["bench", "--device", "cpu", "--peers", "lars_foreach", "sgd_foreach",
+            "--warmup", "1", "--iters", "2"]
     threads = torch.get_num_threads()
     try:
         assert main([*argv, "--threads", "1", "--out", str(table)]) == 0
@@ -270,7 +291,9 @@ def test_installed_script_reports_one_line_and_exit_code_2(factories):
     assert script.exists(), "pip install -e . creates the lars-fx console script"
     ok = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "inspect" in ok.stdout
-    bad = subprocess.run([str(script), "inspect", f"{factories}:plain_sgd"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [str(script), "inspect", f"{factories}:plain_sgd"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("lars-fx inspect: error: ")
