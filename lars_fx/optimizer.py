@@ -403,6 +403,18 @@ class LARS(Optimizer):
             finite = self._norm_reduction.all_agree(finite)
         return bool(finite)
 
+    # Not traced under torch.compile: its host sync breaks the graph anyway, and torch 2.11's Dynamo cannot
+    # set the count in the code it resumes with after that break (AssertionError: "Attempted setattr on a
+    # user-defined object that does not have an AttributeMutation mutation_type").
+    @torch.compiler.disable
+    def _skips_this_step(self) -> bool:
+        """With ``skip_nonfinite``: whether a gradient has an inf or NaN (the step is then counted as
+        skipped)."""
+        if self._all_finite():
+            return False
+        self.skipped_steps += 1
+        return True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -414,8 +426,7 @@ class LARS(Optimizer):
         else:
             for group_index, group in enumerate(self.param_groups):
                 check_sgd_group(group_index, group)
-        if self.skip_nonfinite and not self._all_finite():
-            self.skipped_steps += 1
+        if self.skip_nonfinite and self._skips_this_step():
             return loss
         gathered = self.gather()
         if self._fused_step is not None:

@@ -11,7 +11,8 @@ optional, ``|`` separates the spellings met)::
     g'   = [neg](g)                                          # maximize
     m'   = lerp(m, g', 1 - beta1)
     v'   = addcmul(mul(v, beta2), g', g', value=1 - beta2)
-         | add(mul(mul(g', g'), 1 - beta2), v, alpha=beta2)   # Dynamo's fma spelling
+         | add(mul(mul(g', g'), 1 - beta2), v, alpha=beta2)   # Dynamo's fma spelling (torch 2.13)
+         | add(mul(v, beta2), mul(g', g'), alpha=1 - beta2)   # Dynamo's spelling on torch 2.11
     bc1  = rsub(pow(beta1, s'), 1)
     ss   = neg(div(lr, bc1) | mul(reciprocal(bc1), lr))      # -lr / (1 - beta1^t)
     den  = add(div(sqrt(v'), mul(sqrt(rsub(pow(beta2, s'), 1)), ss)), reciprocal(ss), alpha=eps)
@@ -200,7 +201,8 @@ def _state_input(
 
 def _second_moment(node: torch.fx.Node) -> tuple[object, object, float]:
     """``v'`` -> (``v``, ``g'``, beta2): ``addcmul(mul(v, beta2), g', g', value=1 - beta2)`` or Dynamo's
-    ``add(mul(mul(g', g'), 1 - beta2), v, alpha=beta2)``."""
+    ``add(mul(mul(g', g'), 1 - beta2), v, alpha=beta2)`` (torch 2.13) or ``add(mul(v, beta2), mul(g', g'),
+    alpha=1 - beta2)`` (torch 2.11)."""
     if _is(node, aten.addcmul.default):
         decayed = _expect(node.args[0], aten.mul.Tensor, node, "Adam v * beta2")
         beta2 = _number(decayed.args[1], decayed, "Adam beta2")
@@ -211,6 +213,13 @@ def _second_moment(node: torch.fx.Node) -> tuple[object, object, float]:
         return decayed.args[0], node.args[1], beta2
     pattern = "Adam v' = add(mul(g*g, 1 - beta2), v, alpha=beta2)"
     node = _expect(node, aten.add.Tensor, node, pattern)
+    square = node.args[1]
+    if _is(square, aten.mul.Tensor) and square.args[0] is square.args[1]:  # torch 2.11's spelling
+        decayed = _expect(node.args[0], aten.mul.Tensor, node, "Adam v * beta2")
+        beta2 = _number(decayed.args[1], decayed, "Adam beta2")
+        if node.kwargs.get("alpha", 1) != 1 - beta2:
+            raise PatternMismatch(node, _ADAM, "the second moment's factors are not beta2 and 1 - beta2")
+        return decayed.args[0], square.args[0], beta2
     beta2 = _number(node.kwargs.get("alpha"), node, "Adam beta2")
     scaled = _expect(node.args[0], aten.mul.Tensor, node, pattern)
     square = _expect(scaled.args[0], aten.mul.Tensor, scaled, pattern)

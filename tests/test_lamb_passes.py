@@ -315,3 +315,46 @@ def test_carried_weight_norms_are_those_of_the_written_weights():
         expected = [squared_norms([p], torch.float32) for p, use in zip(params, MASK, strict=True) if use]
         torch.testing.assert_close(norms, expected)
         torch.testing.assert_close(params, _pieces(reference)[0], rtol=0, atol=0)
+
+
+def _adamw_spelled_as_torch_211_dynamo_traces(weight_decay: float):
+    """AdamW's per-tensor capturable step with the second moment written as torch 2.11's Dynamo records
+    ``Adam.step``: ``add(mul(v, beta2), mul(g, g), alpha=1 - beta2)`` (2.13 records an fma spelling, the fused
+    capture an ``addcmul``); the rest as ``torch.optim.adam._single_tensor_adam`` writes it."""
+    n = len(SHAPES)
+    beta1, beta2 = BETAS
+
+    def step(lr: Tensor, *tensors: Tensor) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = (list(tensors[k * n : (k + 1) * n]) for k in range(5))
+        for param, grad, exp_avg, exp_avg_sq, step_t in zip(
+            params, grads, exp_avgs, exp_avg_sqs, steps, strict=True
+        ):
+            step_t += 1
+            param.mul_(1 - lr * weight_decay)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).add_(grad * grad, alpha=1 - beta2)
+            step_size_neg = (lr / (1 - beta1**step_t)).neg()
+            bias_correction2_sqrt = (1 - beta2**step_t).sqrt()
+            denom = (exp_avg_sq.sqrt() / (bias_correction2_sqrt * step_size_neg)).add_(EPS / step_size_neg)
+            param.addcdiv_(exp_avg, denom)
+
+    return step
+
+
+def test_the_second_moment_as_torch_211_dynamo_spells_it():
+    generator = torch.Generator().manual_seed(11)
+    inputs = _inputs(generator, torch.float64)
+    gm, request = _lamb(_adamw_spelled_as_torch_211_dynamo_traces(0.05), inputs)
+    v_updates = [n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor and "alpha" in n.kwargs]
+    assert any(n.args[1].target is torch.ops.aten.mul.Tensor for n in v_updates)  # the spelling under test
+    gm, _ = run_pipeline(gm, LAMB_ADAM, request)
+    oracle = [[t.clone() for t in piece] for piece in _pieces(inputs)]
+    for _ in range(3):
+        grads = [torch.randn(s, generator=generator, dtype=torch.float64) for s in SHAPES]
+        for mine, theirs, g in zip(_pieces(inputs)[1], oracle[1], grads, strict=True):
+            mine.copy_(g)
+            theirs.copy_(g)
+        gm(*inputs)
+        F.lamb_reference(*oracle, MASK, lr=0.01, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=0.05)
+        for a, b in zip(_pieces(inputs)[0], oracle[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
