@@ -40,20 +40,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from . import _compat
 from .functional import NormCollector
-from .graph_cache import GraphCache, lower
+from .graph_cache import GraphCache, InspectReport, inspect_graph
 from .params import refuse_parameters_without_data
-from .passes.fx_canonicalize import canonicalize
-from .passes.fx_pipeline import run_pipeline
-from .passes.fx_spec import LarsRequest, ParamRole, PatternMismatch
+from .passes.fx_spec import LarsRequest, ParamRole
 from .passes.pipelines import LARS_SGD
 from .sharding import local
 
@@ -94,16 +91,6 @@ class _StepPlan:
         for group, (lr, momentum) in zip(self.groups, hypers, strict=True):
             flat += [lr, momentum, *group.params, *group.grads, *group.buffers]
         return flat
-
-
-@dataclass
-class InspectReport:
-    """What ``inspect_step`` saw: the graph at every stage, node counts, Inductor's kernel count."""
-
-    stages: list[tuple[str, str]] = field(default_factory=list)
-    node_counts: list[tuple[str, int]] = field(default_factory=list)
-    kernel_count: int | None = None
-    fallback: str | None = None
 
 
 def _lars_options(opt: LARS) -> dict[str, Any]:
@@ -317,19 +304,5 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     if not any(group.params for group in plan.groups):
         raise ValueError("inspect_step needs gradients: run a backward pass before inspecting the step")
     inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))
-    report = InspectReport()
-    gm = canonicalize(_step_function(plan), inputs)
-    request = _request(plan, gm)
-    try:
-        gm, stages = run_pipeline(gm, LARS_SGD, request, tag="inspect")
-    except PatternMismatch as error:
-        report.fallback = str(error)
-        return report
-    report.stages = [(stage.name, stage.text) for stage in stages]
-    report.node_counts = [(stage.name, stage.node_count) for stage in stages]
-    if compile:
-        _compat.reset_inductor_metrics()
-        with _compat.inductor_config_patch(fx_graph_cache=False):
-            lower(gm, inputs)
-        report.kernel_count = _compat.generated_kernel_count()
-    return report
+    request_for = functools.partial(_request, plan)
+    return inspect_graph(LARS_SGD, _step_function(plan), inputs, request_for, tag="inspect", compile=compile)

@@ -28,13 +28,11 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
-from . import _compat, fused
-from .graph_cache import GraphCache, lower
+from . import fused
+from .graph_cache import GraphCache, InspectReport, inspect_graph
 from .params import group_gradients, refuse_parameters_without_data
-from .passes.fx_canonicalize import canonicalize
 from .passes.fx_lamb_spec import LambRequest
-from .passes.fx_pipeline import run_pipeline
-from .passes.fx_spec import ParamRole, PatternMismatch
+from .passes.fx_spec import ParamRole
 from .passes.pipelines import LAMB_ADAM
 
 if TYPE_CHECKING:
@@ -228,7 +226,7 @@ class FusedLambStep:
             fused.record_graph_telemetry(opt.telemetry, opt, compiled.telemetry, outputs)
 
 
-def inspect_lamb_step(opt: LAMB, *, compile: bool = True) -> fused.InspectReport:
+def inspect_lamb_step(opt: LAMB, *, compile: bool = True) -> InspectReport:
     """``lars_fx.fused.inspect_step`` for ``LAMB``: trace its fused step (gradients must be set), run
     ``LAMB_ADAM``, and report every stage; nothing is stepped (missing Adam state is stood in by zeros)."""
     carry_weight_norms = opt.fused_step.carry_weight_norms if opt.fused_step is not None else True
@@ -239,19 +237,8 @@ def inspect_lamb_step(opt: LAMB, *, compile: bool = True) -> fused.InspectReport
         raise ValueError("inspect_lamb_step needs gradients: run a backward pass before inspecting the step")
     refuse_parameters_without_data(opt.param_groups, opt.state, "LAMB(fused=True)", ", or use fused=False")
     inputs = plan.inputs([torch.full((), float(g["lr"]), dtype=torch.float64) for g in opt.param_groups])
-    report = fused.InspectReport()
-    gm = canonicalize(_step_function(plan), inputs)
-    request = _request(plan, gm, opt, carry_weight_norms, telemetry)
-    try:
-        gm, stages = run_pipeline(gm, LAMB_ADAM, request, tag="inspect_lamb")
-    except PatternMismatch as error:
-        report.fallback = str(error)
-        return report
-    report.stages = [(stage.name, stage.text) for stage in stages]
-    report.node_counts = [(stage.name, stage.node_count) for stage in stages]
-    if compile:
-        _compat.reset_inductor_metrics()
-        with _compat.inductor_config_patch(fx_graph_cache=False):
-            lower(gm, inputs)
-        report.kernel_count = _compat.generated_kernel_count()
-    return report
+    request_for = functools.partial(
+        _request, plan, opt=opt, carry_weight_norms=carry_weight_norms, telemetry=telemetry
+    )
+    step = _step_function(plan)
+    return inspect_graph(LAMB_ADAM, step, inputs, request_for, tag="inspect_lamb", compile=compile)

@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from . import _compat
 from .carried_norms import CarriedNorms
 from .passes.fx_canonicalize import canonicalize
 from .passes.fx_pipeline import compile_with_inductor, run_pipeline
 from .passes.fx_spec import LayerwiseRequest, PatternMismatch, telemetry_outputs
 from .passes.pipelines import FxPass
 
-__all__ = ["CompiledGraph", "GraphCache", "lower"]
+__all__ = ["CompiledGraph", "GraphCache", "InspectReport", "inspect_graph", "lower"]
 
 log = logging.getLogger("lars_fx.fused")
 
@@ -51,6 +52,45 @@ def lower(
     example = inputs + (carry.inputs(inputs) if carry is not None else [])
     with torch.no_grad():  # the cache key pins every input's shape, strides, dtype and device
         return compile_with_inductor(gm, example, check_input_layout=False), carry
+
+
+@dataclass
+class InspectReport:
+    """What an inspection saw: the graph at every stage, node counts, Inductor's kernel count, or the
+    diagnostic of a graph the passes do not understand (stages then empty)."""
+
+    stages: list[tuple[str, str]] = field(default_factory=list)
+    node_counts: list[tuple[str, int]] = field(default_factory=list)
+    kernel_count: int | None = None
+    fallback: str | None = None
+
+
+def inspect_graph(
+    pipeline: Sequence[FxPass],
+    step: Callable[..., None],
+    inputs: list[Tensor],
+    request_for: Callable[[torch.fx.GraphModule], LayerwiseRequest],
+    *,
+    tag: str,
+    compile: bool,
+) -> InspectReport:
+    """Capture ``step(*inputs)``, run ``pipeline`` and report every stage (nothing runs); ``compile`` also
+    compiles the result with Inductor (its cache off) to count the kernels it generates."""
+    report = InspectReport()
+    gm = canonicalize(step, inputs)
+    try:
+        gm, stages = run_pipeline(gm, pipeline, request_for(gm), tag=tag)
+    except PatternMismatch as error:
+        report.fallback = str(error)
+        return report
+    report.stages = [(stage.name, stage.text) for stage in stages]
+    report.node_counts = [(stage.name, stage.node_count) for stage in stages]
+    if compile:
+        _compat.reset_inductor_metrics()
+        with _compat.inductor_config_patch(fx_graph_cache=False):
+            lower(gm, inputs)
+        report.kernel_count = _compat.generated_kernel_count()
+    return report
 
 
 class GraphCache:

@@ -50,7 +50,14 @@ from lars_fx.functional import bias_corrections, compute_dtype, lamb_direction
 from .fx_canonicalize import is_scalar_tensor
 from .fx_lamb_spec import AdamUpdate
 from .fx_norms import write_back_point
-from .fx_spec import UPDATE, Hyperparameter, ParamRole, PatternMismatch, request_of
+from .fx_spec import (
+    UPDATE,
+    Hyperparameter,
+    ParamRole,
+    PatternMismatch,
+    request_of,
+    require_parameter_placeholders,
+)
 
 __all__ = ["MatchAdamUpdate", "adam_direction"]
 
@@ -114,10 +121,7 @@ class MatchAdamUpdate(PassBase):
     name = "match_adam_update"
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
-        request = request_of(gm, self.name)
-        unknown = set(request.params) - {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-        if unknown:
-            raise PatternMismatch(None, "parameter map", f"no placeholders named {sorted(unknown)}")
+        require_parameter_placeholders(gm, self.name)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         request = request_of(gm, self.name)

@@ -31,7 +31,16 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .fx_canonicalize import is_scalar_tensor
-from .fx_spec import GRAD_WRITE, UPDATE, Hyperparameter, ParamRole, PatternMismatch, SgdUpdate, request_of
+from .fx_spec import (
+    GRAD_WRITE,
+    UPDATE,
+    Hyperparameter,
+    ParamRole,
+    PatternMismatch,
+    SgdUpdate,
+    request_of,
+    require_parameter_placeholders,
+)
 
 __all__ = ["MatchSgdUpdate"]
 
@@ -87,10 +96,7 @@ class MatchSgdUpdate(PassBase):
     name = "match_sgd_update"
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
-        request = request_of(gm, self.name)
-        unknown = set(request.params) - {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-        if unknown:
-            raise PatternMismatch(None, "parameter map", f"no placeholders named {sorted(unknown)}")
+        require_parameter_placeholders(gm, self.name)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         request = request_of(gm, self.name)

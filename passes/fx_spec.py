@@ -32,7 +32,8 @@ from lars_fx.functional import LarsOptions, trust_ratio
 __all__ = [
     "ParamRole", "LayerwiseRequest", "LarsRequest", "LayerUpdate", "SgdUpdate", "NormBatch",
     "PatternMismatch", "Hyperparameter", "request_of", "updates_of", "batches_of", "telemetry_outputs",
-    "carried_batches", "require_on_updates", "REQUEST", "UPDATE", "GRAD_WRITE", "TELEMETRY", "CARRIED_BATCH",
+    "carried_batches", "require_on_updates", "require_parameter_placeholders",
+    "REQUEST", "UPDATE", "GRAD_WRITE", "TELEMETRY", "CARRIED_BATCH",
 ]
 
 REQUEST = "lars_fx.request"
@@ -205,6 +206,14 @@ def carried_batches(gm: torch.fx.GraphModule) -> list[NormBatch]:
     return [
         n.meta[CARRIED_BATCH] for n in gm.graph.nodes if n.op == "placeholder" and CARRIED_BATCH in n.meta
     ]
+
+
+def require_parameter_placeholders(gm: torch.fx.GraphModule, this_pass: str) -> None:
+    """A matcher's ``requires``: the request names parameter placeholders of this graph."""
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    unknown = set(request_of(gm, this_pass).params) - placeholders
+    if unknown:
+        raise PatternMismatch(None, "parameter map", f"no placeholders named {sorted(unknown)}")
 
 
 def require_on_updates(
