@@ -480,6 +480,28 @@ def test_compiled_step_with_a_tensor_lr(fresh_compile_caches):
     assert frames == [1] + [2] * 9, f"graphs compiled after each step: {frames}"
 
 
+def test_compiled_step_with_a_scheduled_float_lr_and_an_option_changed_mid_run(fresh_compile_caches):
+    """A float lr moved by a scheduler at every step and trust_clip changed at step 5 under
+    torch.compile(opt.step): every step equals the float64 reference (recompiles allowed, wrong numbers
+    not)."""
+    model = _net(23)
+    opt = LAMB(model.named_parameters(), lr=0.03, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)
+    step_fn = torch.compile(opt.step)
+    oracle = Oracle(model)
+    generator = torch.Generator().manual_seed(24)
+    for step in range(10):
+        if step == 5:
+            opt.trust_clip = 0.5
+        grads = _gradients(model, generator, step)
+        grads.pop("sometimes", None)
+        _set_gradients(model, grads)
+        step_fn()
+        oracle.step(opt, grads)
+        oracle.check(model, rtol=1e-5, atol=1e-6, where=f"step {step}")
+        scheduler.step()
+
+
 # -- refusals ------------------------------------------------------------------------------------------------
 
 

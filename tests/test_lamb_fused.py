@@ -211,3 +211,23 @@ def test_inspect_shows_every_stage_of_the_lamb_pipeline_without_stepping():
     assert [name for name, _ in report.stages] == ["captured", *pipeline_names(LAMB_ADAM)]
     assert "lamb_trust_ratio" in report.stages[-1][1] and "lamb_trust_ratio" not in report.stages[0][1]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)) and not opt.state
+
+
+def test_a_tensor_lr_under_a_scheduler_compiles_once():
+    torch.manual_seed(10)
+    model = Net()
+    twin = copy.deepcopy(model).double()
+    opt = LAMB(_groups(model), lr=torch.tensor(0.01), fused=True)
+    oracle = LAMB(_groups(twin), lr=0.01, foreach=False)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    generator = torch.Generator().manual_seed(11)
+    for step in range(0, 20, 2):  # `sometimes` always has a gradient: one configuration
+        _set_gradients(model, twin, generator, step)
+        for group, twin_group in zip(opt.param_groups, oracle.param_groups, strict=True):
+            twin_group["lr"] = float(group["lr"])
+        opt.step()
+        oracle.step()
+        _assert_close(model, twin, step)
+        schedule.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    assert opt.fused_step.compile_count == 1 and opt.fused_step.fallback is None
