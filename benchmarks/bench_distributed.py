@@ -547,6 +547,16 @@ def worker(rank: int, world_size: int, init_method: str, args: argparse.Namespac
             print(f"written to {out}", file=sys.stderr, flush=True)
     finally:
         dist.destroy_process_group()
+    _exit_without_finalization()
+
+
+def _exit_without_finalization() -> None:
+    """End a rank without the interpreter's finalization: C++ threads of gloo and of the profiler that outlive
+    ``destroy_process_group`` can abort the process there ("terminate called without an active exception", seen
+    once in CI after the table was written; pytorch#179291 describes the same teardown race)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_loopback_port() -> int:

@@ -270,6 +270,11 @@ def _rank_main(run_dir: Path, rank: int) -> None:
         sys.stderr.flush()
         os._exit(1)
     partial.rename(run_dir / f"result_{rank}.pt")  # whole, or not there
+    # Skip the interpreter's finalization: C++ threads of gloo and of the profiler that outlive
+    # destroy_process_group can abort the process there (pytorch#179291 describes the teardown race).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- helpers for the ranks --------------------------------------------------------------------
