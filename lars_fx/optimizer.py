@@ -28,6 +28,7 @@ from .sharded_norms import reduce_step_norms
 from .telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from .flat_layout import FlatGather, FlatLayout
     from .fused import FusedStep
 
 __all__ = ["LARS", "ParamInfo", "default_lars_filter", "GroupTensors"]
@@ -123,6 +124,14 @@ class LARS(Optimizer):
             through ``p.to_local()`` bump no version counter the carry could watch.
         telemetry: record each LARS parameter's ||w||, ||g|| and trust ratio every step, kept on
             the device (no host sync) and read on demand through ``telemetry``.
+        flat: keep each (param group, device, dtype, LARS or not)'s parameters, gradients and momentum
+            buffers as segments of one contiguous buffer each (``lars_fx.flat_layout``; SGD only): the step
+            then runs a few whole-buffer operations, eager or fused, whatever the number of tensors. The
+            parameters stay the same objects (their data become views); ``opt.zero_grad()`` zeroes the
+            gradient buffer in place (as ``set_to_none=False``: a parameter that gets no gradient from the
+            next backward steps with a zero one); gradients that are not views (``model.zero_grad()``, an
+            assigned ``.grad``) are copied in, exactly, with a warning. Sharded (DTensor) parameters and
+            parameters that are views of other tensors are refused.
 
     The options are attributes of the same names. Assigning one (``opt.coefficient = 0.002``,
     ``opt.lars_filter = ...``) is checked as in the constructor and takes effect at the next step in
@@ -155,6 +164,7 @@ class LARS(Optimizer):
         fused: bool = False,
         carry_weight_norms: bool = True,
         telemetry: bool = False,
+        flat: bool = False,
     ) -> None:
         if isinstance(optimizer, LARS):
             raise TypeError("optimizer is already a lars_fx.LARS; wrap the inner optimizer only once")
@@ -168,6 +178,7 @@ class LARS(Optimizer):
         self.skipped_steps = 0
         self.telemetry: Telemetry | None = Telemetry() if check_flag("telemetry", telemetry) else None
         self._fused_step: FusedStep | None = None
+        self._flat_layout: FlatLayout | None = None
 
         # Optimizer.__init__ sets up hooks and registers the groups; afterwards the wrapper and the
         # wrapped optimizer share one list of groups and one state, so schedulers, state_dict and
@@ -192,6 +203,7 @@ class LARS(Optimizer):
         self.foreach = foreach
         self.carry_weight_norms = carry_weight_norms
         self.lars_filter = lars_filter  # decides the masks
+        self.flat = flat
         # creates the fused step here, not in step(), so a torch.compile'd training step sees it
         self.fused = fused
 
@@ -222,6 +234,7 @@ class LARS(Optimizer):
     def _check_inner_is_sgd(self) -> None:
         switches = {
             "fused": getattr(self, "_option_fused", False),
+            "flat": getattr(self, "_option_flat", False),
             "lr_inside_momentum": self._options.lr_inside_momentum,
         }
         for name, on in switches.items():
@@ -240,6 +253,19 @@ class LARS(Optimizer):
 
             self._fused_step = FusedStep(self)
 
+    def _flat_changed(self) -> None:
+        self._check_inner_is_sgd()
+        self._refresh_flat_layout()
+
+    def _refresh_flat_layout(self) -> None:
+        """Build the flat buffers anew (parameters, gradients, momentum buffers copied in), or drop them."""
+        if not getattr(self, "_option_flat", False):
+            self._flat_layout = None
+            return
+        from .flat_layout import FlatLayout
+
+        self._flat_layout = FlatLayout(self.param_groups, self._lars_masks, self.state)
+
     epsilon = _MathOption()
     coefficient = _MathOption()
     use_clip = _MathOption()
@@ -249,6 +275,7 @@ class LARS(Optimizer):
     foreach = _Option(check_flag)
     carry_weight_norms = _Option(check_flag)
     fused = _Option(check_flag, _fused_changed)
+    flat = _Option(check_flag, _flat_changed)
     lars_filter = _Option(check_filter, _refresh_after_filter_change)
 
     # -- groups and filter decisions ---------------------------------------------------------
@@ -274,6 +301,7 @@ class LARS(Optimizer):
             masks.append(mask)
         self._lars_masks = masks
         self._refresh_norm_reduction(lars_params, lars_names, places)
+        self._refresh_flat_layout()  # a new filter or new parameters: new buckets
 
     def _refresh_norm_reduction(
         self, lars_params: list[Tensor], names: list[str], places: list[tuple[int, int]]
@@ -298,6 +326,12 @@ class LARS(Optimizer):
         )
 
     @property
+    def flat_layout(self) -> FlatLayout | None:
+        """With ``flat=True``, the flat buffers (``lars_fx.flat_layout.FlatLayout``: its ``buckets`` and the
+        ``grad_copies`` it had to make); None otherwise."""
+        return self._flat_layout
+
+    @property
     def fused_step(self) -> FusedStep | None:
         """With ``fused=True``, the compiled step: its ``compile_count`` and ``fallback`` (the last diagnostic
         that sent a configuration to the eager step) tell what it did; None otherwise."""
@@ -317,12 +351,14 @@ class LARS(Optimizer):
         return {
             key: value
             for key, value in self.__dict__.items()
-            if key not in ("_fused_step", "_norm_reduction") and not key.startswith("_optimizer_")
+            if key not in ("_fused_step", "_norm_reduction", "_flat_layout")
+            and not key.startswith("_optimizer_")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._fused_step = None
+        self._flat_layout = None
         self._refresh_lars_masks()
         self._fused_changed()
 
@@ -336,6 +372,25 @@ class LARS(Optimizer):
         options = ", ".join(f"{name}={getattr(self.options, name)}" for name in LarsOptions.names())
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return f"LARS({options},\n{inner}\n)"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; with ``flat=True`` the flat gradient buffers are zeroed in
+        place and the parameters keep their views as gradients (``set_to_none`` applies to the others)."""
+        layout = self._flat_layout
+        if layout is None:
+            super().zero_grad(set_to_none)
+            return
+        layout.zero_grad()
+        in_layout = layout.param_ids()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in in_layout or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -428,6 +483,9 @@ class LARS(Optimizer):
                 check_sgd_group(group_index, group)
         if self.skip_nonfinite and self._skips_this_step():
             return loss
+        if self._flat_layout is not None:
+            self._flat_step()
+            return loss
         gathered = self.gather()
         if self._fused_step is not None:
             self._fused_step(gathered, self._eager_sgd_step)
@@ -439,6 +497,68 @@ class LARS(Optimizer):
             gradients = [(g.params, s) for g, s in zip(gathered, scaled, strict=True)]
             step_with_gradients(self.optimizer, gradients, self._has_dtensors)
         return loss
+
+    def _flat_step(self) -> None:
+        layout = self._flat_layout
+        assert layout is not None
+        if layout.moved():  # parameter data re-pointed since the layout was built (model.to(...), ...)
+            self._refresh_flat_layout()
+            layout = self._flat_layout
+            assert layout is not None
+        flat = layout.gather(self.param_groups, self.state)
+        whole = {id(p) for bucket, _ in flat.buckets for p in bucket.params}
+        rest = [self._without(g, whole) for g in self.gather()] if flat.per_tensor or whole else []
+        if self._fused_step is not None:
+            self._fused_step.flat(flat, rest, self._eager_flat_step)
+        else:
+            self._eager_flat_step(flat, rest)
+
+    @staticmethod
+    def _without(tensors: GroupTensors, ids: set[int]) -> GroupTensors:
+        """``tensors`` less the parameters whose ids are in ``ids`` (those stepped whole by the flat step)."""
+        keep = [k for k, p in enumerate(tensors.params) if id(p) not in ids]
+        return GroupTensors(
+            [tensors.params[k] for k in keep],
+            [tensors.grads[k] for k in keep],
+            [tensors.mask[k] for k in keep],
+            [tensors.indices[k] for k in keep],
+            [tensors.local_params[k] for k in keep],
+            [tensors.local_grads[k] for k in keep],
+        )
+
+    def _eager_flat_step(self, flat: FlatGather, rest: list[GroupTensors]) -> None:
+        """The eager ``flat=True`` step: each whole bucket in a few whole-buffer operations
+        (``functional.flat.lars_sgd_flat``), then the parameters that step per tensor."""
+        layout = self._flat_layout
+        assert layout is not None
+        collectors: dict[int, tuple[list[int], F.NormCollector]] = {}
+        for bucket, momentum_state in flat.buckets:
+            group = self.param_groups[bucket.group_index]
+            norms = None
+            if bucket.use_lars:
+                dtype = F.compute_dtype(bucket.weights.dtype)
+                norms = (
+                    torch.stack(torch._foreach_norm(bucket.weight_views, 2, dtype=dtype)),
+                    torch.stack(torch._foreach_norm(bucket.grad_views, 2, dtype=dtype)),
+                )
+            new_buffer, result = F.lars_sgd_flat(
+                bucket.weights, bucket.grads, bucket.momentum if momentum_state == "flat" else None,
+                bucket.segments, norms=norms, **self._sgd_options(group),
+            )
+            if momentum_state == "new" and new_buffer is not None:
+                layout.keep_new_momentum(bucket, new_buffer, self.state)
+            if self.telemetry is not None and result is not None:
+                indices, collector = collectors.setdefault(bucket.group_index, ([], F.NormCollector()))
+                indices += bucket.indices
+                collector.add(bucket.indices, *result)
+        if self.telemetry is not None:
+            for group_index, (indices, collector) in collectors.items():
+                params = self.param_groups[group_index]["params"]
+                lars_params = [params[i] for i in sorted(indices)]
+                self.telemetry.record(self, group_index, lars_params, *collector.result())
+        for group_index, tensors in enumerate(rest):
+            if tensors.params:
+                self._sgd_group_step(group_index, tensors, None)
 
     def _eager_sgd_step(self, gathered: list[GroupTensors]) -> None:
         """The eager LARS-over-SGD step of every group (sharded norms reduced once for all of them)."""
@@ -494,6 +614,16 @@ class LARS(Optimizer):
             for p, g, use_lars in zip(tensors.local_params, tensors.local_grads, tensors.mask, strict=True)
         ]
 
+    def _sgd_options(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **self._lars_options(group),
+            "momentum": group["momentum"],
+            "dampening": group["dampening"],
+            "nesterov": group["nesterov"],
+            "maximize": group["maximize"],
+            "lr_inside_momentum": self.lr_inside_momentum,
+        }
+
     def _sgd_group_step(
         self, group_index: int, tensors: GroupTensors, norms: tuple[Tensor, Tensor] | None
     ) -> None:
@@ -509,14 +639,7 @@ class LARS(Optimizer):
             local_buffers = [None if b is None else sharding.local(b) for b in buffers]
         else:
             local_buffers = buffers
-        options = {
-            **self._lars_options(group),
-            "momentum": momentum,
-            "dampening": group["dampening"],
-            "nesterov": group["nesterov"],
-            "maximize": group["maximize"],
-            "lr_inside_momentum": self.lr_inside_momentum,
-        }
+        options = self._sgd_options(group)
         local_params, local_grads, mask = tensors.local_params, tensors.local_grads, tensors.mask
         if self.foreach:
             new_buffers = list(local_buffers)

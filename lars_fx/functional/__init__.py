@@ -1,9 +1,11 @@
 """The math of lars-fx's layer-wise optimizers, written once; imports nothing from the rest of the project.
 
 ``options``: each algorithm's options (names, defaults, checks). ``lars``: LARS (the trust ratio, the
-per-tensor reference and the multi-tensor paths). ``lamb``: LAMB, on LARS's trust ratio and norm helpers.
+per-tensor reference and the multi-tensor paths). ``flat``: LARS over segments of flat buffers. ``lamb``:
+LAMB, on LARS's trust ratio and norm helpers.
 """
 
+from .flat import Segments, lars_sgd_flat, per_chunk, segment_squared_norms
 from .lamb import (
     adam_moments_,
     bias_corrections,
@@ -41,6 +43,10 @@ __all__ = [
     "LarsNorms",
     "NormCollector",
     "lars_sgd_foreach",
+    "Segments",
+    "segment_squared_norms",
+    "per_chunk",
+    "lars_sgd_flat",
     "LambOptions",
     "lamb_trust_ratio",
     "adam_moments_",

@@ -1,0 +1,242 @@
+"""``LARS(..., flat=True)``: each (param group, device, dtype, LARS or not)'s parameters, gradients and
+momentum buffers as segments of one contiguous buffer each.
+
+Parameters keep their identity: ``p.data`` becomes a view of its bucket's weight buffer, ``p.grad`` a view of
+the gradient buffer (autograd then accumulates into it), ``opt.state[p]["momentum_buffer"]`` a view of the
+momentum buffer, so modules, hooks, ``named_parameters()`` and ``state_dict()`` see what they saw before. Each
+buffer is ``[chunks, chunk_size]`` (``functional.flat.chunk_layout``: segments start on chunk boundaries); the
+step reads the buffers, not the views.
+
+Every step ``FlatLayout.gather`` checks, per parameter, that its data, gradient and momentum buffer are still
+its views. A gradient that is not (``model.zero_grad()`` set it to None and backward made a new one, a user
+replaced ``.grad``, DDP's ``gradient_as_bucket_view``) is copied in and ``.grad`` re-pointed: exact, one more
+copy, counted in ``grad_copies`` and warned about once. A momentum buffer that is not (a loaded state) is
+copied in likewise. A bucket with a parameter that has no gradient this step, or whose momentum buffer is
+still to be made while others have theirs, steps per tensor over the views (``FlatGather.per_tensor``),
+exactly as without ``flat``. Parameter data that moved (``model.to(...)``, ``p.data = ...``) makes the layout
+be built again.
+
+Refused, naming the parameter: sharded parameters (DTensors own their storage), parameters that are views of
+other tensors, and sparse gradients (at the step, as every mode). Parameters that do not require gradients
+stay out of the buffers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .functional.flat import ChunkLayout, Segments, chunk_layout
+from .params import parameter_name
+from .sharding import is_dtensor
+
+__all__ = ["FlatBucket", "FlatGather", "FlatLayout", "GRAD_COPY_WARNING"]
+
+GRAD_COPY_WARNING = (
+    "LARS(flat=True) found gradients that are not views of its flat gradient buffer (for {name}) and copied "
+    "them in: exact, but one more read and write of every such gradient per step. The usual cause is "
+    "model.zero_grad() or zero_grad(set_to_none=True) on something other than this optimizer (backward then "
+    "makes new gradients), code that assigns .grad, or DDP(gradient_as_bucket_view=True). Call "
+    "opt.zero_grad() on the LARS optimizer (it zeroes the flat buffer in place) and keep DDP's "
+    "gradient_as_bucket_view off to stay on the fast path. opt.flat_layout.grad_copies counts the copies."
+)
+
+
+@dataclass
+class FlatBucket:
+    """One (param group, device, dtype, LARS or not)'s parameters as segments of flat buffers."""
+
+    group_index: int
+    use_lars: bool
+    indices: list[int]  # the parameters' positions in their group
+    params: list[Tensor]
+    layout: ChunkLayout
+    weights: Tensor  # [chunks, chunk_size]
+    grads: Tensor
+    momentum: Tensor | None
+    segments: Segments | None  # LARS buckets: which chunk holds which segment
+    weight_views: list[Tensor] = field(default_factory=list)
+    grad_views: list[Tensor] = field(default_factory=list)
+    momentum_views: list[Tensor] = field(default_factory=list)
+    weight_pointers: list[int] = field(default_factory=list)
+    attached: list[bool] = field(default_factory=list)  # .grad was given its view (copies after count)
+
+    def view(self, buffer: Tensor, k: int) -> Tensor:
+        offset, numel = self.layout.offsets[k], self.layout.numels[k]
+        return buffer.view(-1)[offset : offset + numel].view(self.params[k].shape)
+
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        return [self.view(buffer, k) for k in range(len(self.params))]
+
+    def adopt_momentum(self, buffers: list[Tensor]) -> None:
+        """Copy per-parameter momentum buffers in (allocating the flat buffer if there is none)."""
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(self.weights)
+            self.momentum_views = self.views(self.momentum)
+        for view, buf in zip(self.momentum_views, buffers, strict=True):
+            if buf is not view:
+                view.copy_(buf)
+
+    def set_momentum(self, buffer: Tensor) -> None:
+        self.momentum = buffer
+        self.momentum_views = self.views(buffer)
+
+
+@dataclass
+class FlatGather:
+    """What one step reads: the buckets that step whole (each with its momentum state: ``"flat"`` buffer in
+    place, ``"new"`` buffer to be made, ``"none"`` without momentum), and per group the parameters (their
+    positions in the group) that step per tensor."""
+
+    buckets: list[tuple[FlatBucket, str]]
+    per_tensor: dict[int, list[int]]
+
+
+def _refuse(group: dict[str, Any], group_index: int, index: int, param: Tensor) -> None:
+    name = parameter_name(group, group_index, index)
+    if is_dtensor(param):
+        raise ValueError(
+            f"LARS(flat=True) got the sharded (DTensor) parameter {name}: sharded parameters own their "
+            "storage (FSDP2, tensor parallelism), so they cannot be views of a flat buffer; use flat=False"
+        )
+    if param._base is not None:
+        raise ValueError(
+            f"LARS(flat=True) got {name}, a view of another tensor: re-pointing it into a flat buffer would "
+            "cut it off from the tensor it views; make it a parameter of its own (nn.Parameter(t.clone())), "
+            "or use flat=False"
+        )
+
+
+class FlatLayout:
+    """The flat buffers of one ``LARS`` optimizer (see the module docstring)."""
+
+    def __init__(self, param_groups: list[dict[str, Any]], masks: list[list[bool]], state: Any) -> None:
+        self.buckets: list[FlatBucket] = []
+        self.grad_copies = 0
+        self._warned = False
+        for group_index, (group, mask) in enumerate(zip(param_groups, masks, strict=True)):
+            keyed: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
+            for index, param in enumerate(group["params"]):
+                _refuse(group, group_index, index, param)
+                if param.requires_grad and param.numel() > 0:
+                    keyed.setdefault((param.device, param.dtype, mask[index]), []).append(index)
+            for (_, _, use_lars), indices in keyed.items():
+                self.buckets.append(self._bucket(group, group_index, use_lars, indices, state))
+
+    @staticmethod
+    def _bucket(
+        group: dict[str, Any], group_index: int, use_lars: bool, indices: list[int], state: Any
+    ) -> FlatBucket:
+        params = [group["params"][i] for i in indices]
+        layout = chunk_layout([p.numel() for p in params])
+        first = params[0]
+        shape = (layout.chunks, layout.chunk_size)
+        weights = torch.zeros(shape, dtype=first.dtype, device=first.device)
+        bucket = FlatBucket(
+            group_index, use_lars, indices, params, layout, weights, torch.zeros_like(weights), None,
+            layout.segments(first.device) if use_lars else None,
+        )
+        bucket.weight_views = bucket.views(weights)
+        bucket.grad_views = bucket.views(bucket.grads)
+        for param, weight_view, grad_view in zip(params, bucket.weight_views, bucket.grad_views, strict=True):
+            weight_view.copy_(param.detach())
+            param.data = weight_view
+            bucket.weight_pointers.append(param.data_ptr())
+            if param.grad is not None and not param.grad.is_sparse:
+                grad_view.copy_(param.grad)
+                param.grad = grad_view
+            bucket.attached.append(param.grad is grad_view)
+        buffers = [state[p].get("momentum_buffer") if p in state else None for p in params]
+        if all(b is not None for b in buffers):
+            bucket.adopt_momentum(buffers)  # type: ignore[arg-type]
+            for param, view in zip(params, bucket.momentum_views, strict=True):
+                state[param]["momentum_buffer"] = view
+        return bucket
+
+    def param_ids(self) -> set[int]:
+        return {id(p) for bucket in self.buckets for p in bucket.params}
+
+    def moved(self) -> bool:
+        """Whether a parameter's data is no longer its view (``model.to(...)``, ``p.data = ...``)."""
+        return any(
+            p.data_ptr() != pointer
+            for bucket in self.buckets
+            for p, pointer in zip(bucket.params, bucket.weight_pointers, strict=True)
+        )
+
+    def zero_grad(self) -> None:
+        """Zero every flat gradient buffer in place and give each parameter whose gradient is not its view
+        (but not None) its view again."""
+        for bucket in self.buckets:
+            bucket.grads.zero_()
+            for k, param in enumerate(bucket.params):
+                if param.grad is not None and param.grad is not bucket.grad_views[k]:
+                    param.grad = bucket.grad_views[k]
+                    bucket.attached[k] = True
+
+    def gather(self, param_groups: list[dict[str, Any]], state: Any) -> FlatGather:
+        """Per bucket, whether it steps whole this step; gradients and momentum buffers that are not views
+        copied in first (see the module docstring)."""
+        gathered = FlatGather([], {})
+        for bucket in self.buckets:
+            group = param_groups[bucket.group_index]
+            if not self._gradients_in_place(bucket, group):
+                gathered.per_tensor.setdefault(bucket.group_index, []).extend(bucket.indices)
+                continue
+            momentum = self._momentum_in_place(bucket, group, state)
+            if momentum is None:
+                gathered.per_tensor.setdefault(bucket.group_index, []).extend(bucket.indices)
+            else:
+                gathered.buckets.append((bucket, momentum))
+        for indices in gathered.per_tensor.values():
+            indices.sort()
+        return gathered
+
+    def _gradients_in_place(self, bucket: FlatBucket, group: dict[str, Any]) -> bool:
+        """True when every parameter's gradient is (now) its view; False when one has none."""
+        copied = None
+        for k, (param, view) in enumerate(zip(bucket.params, bucket.grad_views, strict=True)):
+            grad = param.grad
+            if grad is view:
+                continue
+            if grad is None or grad.is_sparse or grad.is_complex():
+                return False  # steps per tensor; the per-tensor step refuses sparse and complex gradients
+            view.copy_(grad)
+            param.grad = view
+            if bucket.attached[k]:
+                self.grad_copies += 1
+                copied = copied or parameter_name(group, bucket.group_index, bucket.indices[k])
+            bucket.attached[k] = True
+        if copied is not None and not self._warned:
+            self._warned = True
+            warnings.warn(GRAD_COPY_WARNING.format(name=copied), stacklevel=4)
+        return True
+
+    @staticmethod
+    def _momentum_in_place(bucket: FlatBucket, group: dict[str, Any], state: Any) -> str | None:
+        """``"none"`` (no momentum), ``"flat"`` (every buffer is its view, after copying in those that were
+        not), ``"new"`` (no parameter has one yet); None when only some have one (per tensor)."""
+        if group["momentum"] == 0:
+            return "none"
+        buffers = [state[p].get("momentum_buffer") if p in state else None for p in bucket.params]
+        if all(b is None for b in buffers):
+            return "new"
+        if any(b is None for b in buffers):
+            return None
+        if bucket.momentum is None or any(
+            b is not v for b, v in zip(buffers, bucket.momentum_views, strict=True)
+        ):
+            bucket.adopt_momentum(buffers)  # type: ignore[arg-type]
+            for param, view in zip(bucket.params, bucket.momentum_views, strict=True):
+                state[param]["momentum_buffer"] = view
+        return "flat"
+
+    def keep_new_momentum(self, bucket: FlatBucket, buffer: Tensor, state: Any) -> None:
+        """After a ``"new"`` step: ``buffer`` is the bucket's momentum; its views become the state's."""
+        bucket.set_momentum(buffer)
+        for param, view in zip(bucket.params, bucket.momentum_views, strict=True):
+            state[param]["momentum_buffer"] = view

@@ -1,0 +1,180 @@
+"""LARS over a flat layout: many tensors as segments of one buffer, the step in a few whole-buffer operations.
+
+A bucket's buffer is viewed as ``[chunks, chunk_size]``; each segment (one parameter) starts at a chunk
+boundary and fills ``ceil(numel / chunk_size)`` chunks, the last one partly (the rest is padding, never read
+as data). ``Segments`` says which segment each chunk belongs to and how many of its elements are data; from
+it:
+
+- ``segment_squared_norms``: every segment's ``sum(x**2)`` as one vector, from one masked reduction over the
+  chunks and a sum of chunk sums per segment (graph-friendly: Inductor makes it one reduction loop);
+- ``per_chunk``: a per-segment vector (trust ratios) broadcast to the chunks, ``[chunks, 1]``;
+- ``lars_sgd_flat``: the LARS-over-SGD step of one bucket, in place (the eager ``flat=True`` step).
+
+The numbers are those of ``lars_sgd_reference`` per segment: the update is element-wise, so only the norms
+(per segment) and the coefficients (broadcast per chunk) see the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .lars import LarsNorms, compute_dtype, momentum_update, scaled_gradient, trust_ratio
+from .options import LarsOptions
+
+__all__ = [
+    "Segments",
+    "ChunkLayout",
+    "chunk_layout",
+    "segment_squared_norms",
+    "per_chunk",
+    "lars_sgd_flat",
+]
+
+_DEFAULTS = LarsOptions()
+
+Number = float | Tensor
+
+
+class Segments(NamedTuple):
+    """Which segment each chunk of a ``[chunks, chunk_size]`` buffer belongs to (``chunk_segment``, int64),
+    how many of its elements are data (``chunk_valid``, int64, the rest is padding), and how many segments
+    there are (``num_segments``)."""
+
+    chunk_segment: Tensor
+    chunk_valid: Tensor
+    num_segments: int
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where segments of ``numels`` elements lie in a buffer of ``chunks * chunk_size`` elements: segment
+    ``k`` starts at ``offsets[k]`` (a multiple of ``chunk_size``)."""
+
+    chunk_size: int
+    offsets: tuple[int, ...]
+    numels: tuple[int, ...]
+    chunk_segment: tuple[int, ...]
+    chunk_valid: tuple[int, ...]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.chunk_segment)
+
+    @property
+    def size(self) -> int:
+        return self.chunks * self.chunk_size
+
+    def segments(self, device: torch.device) -> Segments:
+        return Segments(
+            torch.tensor(self.chunk_segment, dtype=torch.int64, device=device),
+            torch.tensor(self.chunk_valid, dtype=torch.int64, device=device),
+            len(self.numels),
+        )
+
+
+def default_chunk_size(numels: list[int], largest: int = 2048, smallest: int = 16) -> int:
+    """A power of two near the mean segment size, within ``[smallest, largest]``: long rows for large tensors,
+    little padding for many small ones."""
+    mean = max(1, sum(numels) // max(1, len(numels)))
+    return max(smallest, min(largest, 1 << (mean - 1).bit_length()))
+
+
+def chunk_layout(numels: list[int], chunk_size: int | None = None) -> ChunkLayout:
+    """Lay out segments of ``numels`` elements (each at least 1) on chunk boundaries."""
+    if any(n < 1 for n in numels):
+        raise ValueError(f"chunk_layout: segments must hold at least one element, got {numels}")
+    size = chunk_size if chunk_size is not None else default_chunk_size(numels)
+    offsets: list[int] = []
+    chunk_segment: list[int] = []
+    chunk_valid: list[int] = []
+    for k, numel in enumerate(numels):
+        offsets.append(len(chunk_segment) * size)
+        full, rest = divmod(numel, size)
+        chunk_segment += [k] * (full + (1 if rest else 0))
+        chunk_valid += [size] * full + ([rest] if rest else [])
+    return ChunkLayout(size, tuple(offsets), tuple(numels), tuple(chunk_segment), tuple(chunk_valid))
+
+
+def segment_squared_norms(x: Tensor, segments: Segments, dtype: torch.dtype) -> Tensor:
+    """``[sum(segment**2) for segment in x]`` in ``dtype``, padding excluded, for ``x`` of
+    ``[chunks, chunk_size]``."""
+    columns = torch.arange(x.shape[1], device=x.device)
+    data = columns.unsqueeze(0) < segments.chunk_valid.unsqueeze(1)
+    squares = torch.where(data, torch.square(x.to(dtype)), torch.zeros((), dtype=dtype, device=x.device))
+    chunk_sums = squares.sum(dim=1)
+    totals = torch.zeros(segments.num_segments, dtype=dtype, device=x.device)
+    return totals.index_add(0, segments.chunk_segment, chunk_sums)
+
+
+def per_chunk(values: Tensor, segments: Segments) -> Tensor:
+    """A per-segment vector as ``[chunks, 1]``: each chunk's segment's value, to broadcast over its
+    elements."""
+    return values.index_select(0, segments.chunk_segment).unsqueeze(1)
+
+
+def lars_sgd_flat(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    segments: Segments | None,
+    *,
+    lr: Number,
+    weight_decay: float,
+    momentum: float,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    coefficient: float = _DEFAULTS.coefficient,
+    epsilon: float = _DEFAULTS.epsilon,
+    use_clip: bool = False,
+    unit_trust_on_zero_norm: bool = False,
+    lr_inside_momentum: bool = False,
+    norms: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor | None, LarsNorms | None]:
+    """One LARS-over-SGD step of a bucket, in place on ``param`` (``[chunks, chunk_size]``); returns the new
+    momentum buffer (``momentum_buffer`` itself, written in place, once there is one) and the segments'
+    ``(||w||, ||g||, coeff)``.
+
+    ``segments`` None: no segment of the bucket gets LARS (each steps with its plain gradient, no weight
+    decay, as ``lars_sgd_reference``). ``norms``: the segments' ``(||w||, ||g||)`` when the caller has them
+    (computed per segment from its views, say); otherwise ``segment_squared_norms`` computes them.
+    """
+    grad = -grad if maximize else grad
+    result = None
+    if segments is None:
+        update = grad
+    else:
+        dtype = compute_dtype(param.dtype)
+        if norms is None:
+            w_norm = segment_squared_norms(param, segments, dtype).sqrt()
+            g_norm = segment_squared_norms(grad, segments, dtype).sqrt()
+        else:
+            w_norm, g_norm = norms
+        coeff = trust_ratio(
+            w_norm, g_norm, weight_decay=weight_decay, coefficient=coefficient, epsilon=epsilon,
+            use_clip=use_clip, lr=lr, unit_trust_on_zero_norm=unit_trust_on_zero_norm,
+        )
+        update = scaled_gradient(param, grad, per_chunk(coeff, segments), weight_decay)
+        result = LarsNorms(w_norm, g_norm, coeff)
+    if isinstance(lr, Tensor):
+        lr = lr.to(compute_dtype(param.dtype))
+    if momentum == 0 or momentum_buffer is None:
+        return momentum_update(
+            param, update, None, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+            lr_inside_momentum=lr_inside_momentum,
+        ), result
+    # In place on the buffer (its segments are the state's momentum buffers): v = m*v + (1-d)*s*u.
+    velocity = (lr * update).to(update.dtype) if lr_inside_momentum else update
+    momentum_buffer.mul_(momentum).add_(velocity, alpha=1 - dampening)
+    direction = velocity + momentum * momentum_buffer if nesterov else momentum_buffer
+    if lr_inside_momentum:
+        param.sub_(direction)
+    elif isinstance(lr, Tensor):
+        param.sub_(lr * direction)
+    else:
+        param.add_(direction, alpha=-lr)
+    return momentum_buffer, result
