@@ -89,11 +89,12 @@ class FlatBucket:
 @dataclass
 class FlatGather:
     """What one step reads: the buckets that step whole (each with its momentum state: ``"flat"`` buffer in
-    place, ``"new"`` buffer to be made, ``"none"`` without momentum), and per group the parameters (their
-    positions in the group) that step per tensor."""
+    place, ``"new"`` buffer to be made, ``"none"`` without momentum), per group the positions of the bucketed
+    parameters that step per tensor, and whether a parameter outside the buckets has a gradient."""
 
     buckets: list[tuple[FlatBucket, str]]
     per_tensor: dict[int, list[int]]
+    outside_grads: bool = False  # a parameter outside the buckets has a gradient (it steps per tensor)
 
 
 def _refuse(group: dict[str, Any], group_index: int, index: int, param: Tensor) -> None:
@@ -116,6 +117,7 @@ class FlatLayout:
 
     def __init__(self, param_groups: list[dict[str, Any]], masks: list[list[bool]], state: Any) -> None:
         self.buckets: list[FlatBucket] = []
+        self.outside: list[Tensor] = []  # parameters left out (no gradient required, or empty)
         self.grad_copies = 0
         self._warned = False
         for group_index, (group, mask) in enumerate(zip(param_groups, masks, strict=True)):
@@ -124,6 +126,8 @@ class FlatLayout:
                 _refuse(group, group_index, index, param)
                 if param.requires_grad and param.numel() > 0:
                     keyed.setdefault((param.device, param.dtype, mask[index]), []).append(index)
+                else:
+                    self.outside.append(param)
             for (_, _, use_lars), indices in keyed.items():
                 self.buckets.append(self._bucket(group, group_index, use_lars, indices, state))
 
@@ -194,6 +198,7 @@ class FlatLayout:
                 gathered.buckets.append((bucket, momentum))
         for indices in gathered.per_tensor.values():
             indices.sort()
+        gathered.outside_grads = any(p.grad is not None for p in self.outside)
         return gathered
 
     def _gradients_in_place(self, bucket: FlatBucket, group: dict[str, Any]) -> bool:

@@ -498,6 +498,9 @@ class LARS(Optimizer):
             step_with_gradients(self.optimizer, gradients, self._has_dtensors)
         return loss
 
+    # Not traced under torch.compile (a compiled training step around the optimizer runs it as it is): its
+    # bookkeeping reads data pointers and tensor identities; fused=True is the compiled flat step.
+    @torch.compiler.disable
     def _flat_step(self) -> None:
         layout = self._flat_layout
         assert layout is not None
@@ -506,8 +509,11 @@ class LARS(Optimizer):
             layout = self._flat_layout
             assert layout is not None
         flat = layout.gather(self.param_groups, self.state)
-        whole = {id(p) for bucket, _ in flat.buckets for p in bucket.params}
-        rest = [self._without(g, whole) for g in self.gather()] if flat.per_tensor or whole else []
+        if flat.per_tensor or flat.outside_grads:
+            whole = {id(p) for bucket, _ in flat.buckets for p in bucket.params}
+            rest = [self._without(g, whole) for g in self.gather()]
+        else:
+            rest = []
         if self._fused_step is not None:
             self._fused_step.flat(flat, rest, self._eager_flat_step)
         else:
@@ -536,11 +542,7 @@ class LARS(Optimizer):
             group = self.param_groups[bucket.group_index]
             norms = None
             if bucket.use_lars:
-                dtype = F.compute_dtype(bucket.weights.dtype)
-                norms = (
-                    torch.stack(torch._foreach_norm(bucket.weight_views, 2, dtype=dtype)),
-                    torch.stack(torch._foreach_norm(bucket.grad_views, 2, dtype=dtype)),
-                )
+                norms = (F.segment_norms(bucket.weight_views), F.segment_norms(bucket.grad_views))
             new_buffer, result = F.lars_sgd_flat(
                 bucket.weights, bucket.grads, bucket.momentum if momentum_state == "flat" else None,
                 bucket.segments, norms=norms, **self._sgd_options(group),

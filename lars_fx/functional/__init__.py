@@ -5,7 +5,7 @@ per-tensor reference and the multi-tensor paths). ``flat``: LARS over segments o
 LAMB, on LARS's trust ratio and norm helpers.
 """
 
-from .flat import Segments, lars_sgd_flat, per_chunk, segment_squared_norms
+from .flat import Segments, lars_sgd_flat, per_chunk, segment_norms, segment_squared_norms
 from .lamb import (
     adam_moments_,
     bias_corrections,
@@ -45,6 +45,7 @@ __all__ = [
     "lars_sgd_foreach",
     "Segments",
     "segment_squared_norms",
+    "segment_norms",
     "per_chunk",
     "lars_sgd_flat",
     "LambOptions",
