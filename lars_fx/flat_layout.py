@@ -23,6 +23,8 @@ stay out of the buffers.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +97,17 @@ class FlatGather:
     buckets: list[tuple[FlatBucket, str]]
     per_tensor: dict[int, list[int]]
     outside_grads: bool = False  # a parameter outside the buckets has a gradient (it steps per tensor)
+
+
+_LIBRARIES = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside lars-fx and torch (the user's ``opt.step()``)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _refuse(group: dict[str, Any], group_index: int, index: int, param: Tensor) -> None:
@@ -218,7 +231,7 @@ class FlatLayout:
             bucket.attached[k] = True
         if copied is not None and not self._warned:
             self._warned = True
-            warnings.warn(GRAD_COPY_WARNING.format(name=copied), stacklevel=4)
+            warnings.warn(GRAD_COPY_WARNING.format(name=copied), stacklevel=_caller_level())
         return True
 
     @staticmethod

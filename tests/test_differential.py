@@ -42,8 +42,9 @@ CHANGE_STEP = 3  # options change before this step
 NONFINITE_STEP = 5  # with skip_nonfinite, this step gets an inf gradient and must be skipped
 COMPILED_CI_CASES_PER_MODE = 4
 
-EAGER_MODES = ("foreach", "per_tensor")
-COMPILED_MODES = ("fused", "compiled_step", "backend")
+EAGER_MODES = ("foreach", "per_tensor", "flat")
+COMPILED_MODES = ("fused", "compiled_step", "backend", "flat_fused")
+FLAT_MODES = ("flat", "flat_fused")
 MODES = EAGER_MODES + COMPILED_MODES
 
 SCHEDULES = (
@@ -303,10 +304,17 @@ def make_parameters(case: Case) -> dict[str, torch.nn.Parameter]:
 
 
 def set_gradients(case: Case, params: dict[str, Tensor], step: int) -> None:
+    """Fresh gradients; the flat modes get them as backward gives them, written into the existing ``.grad``
+    (their flat buffer's views), and as new tensors after a step without (which the flat step copies in)."""
     gen = torch.Generator().manual_seed(case.seed * 1000 + step)
     for name, p in params.items():
         g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5
-        p.grad = None if gradient_absent(case, name, step) else g.to(p.dtype)
+        if gradient_absent(case, name, step):
+            p.grad = None
+        elif case.mode in FLAT_MODES and p.grad is not None:
+            p.grad.copy_(g)
+        else:
+            p.grad = g.to(p.dtype)
     if case.skip_nonfinite and step == NONFINITE_STEP:
         params["fc1.bias"].grad[0] = math.inf
 
@@ -392,7 +400,8 @@ def build(case: Case, params: dict[str, torch.nn.Parameter]) -> Driver:
         return Driver(case, sgd, None, compiled_sgd_step(options), options, rebuild=compiled_sgd_step)
     lars = lars_fx.LARS(
         sgd, **dataclasses.asdict(options), telemetry=case.telemetry, skip_nonfinite=case.skip_nonfinite,
-        foreach=case.mode != "per_tensor", fused=case.mode == "fused",
+        foreach=case.mode != "per_tensor", fused=case.mode in ("fused", "flat_fused"),
+        flat=case.mode in FLAT_MODES,
     )
     step = torch.compile(lars.step) if case.mode == "compiled_step" else lars.step
     return Driver(case, sgd, lars, step, options)
