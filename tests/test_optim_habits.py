@@ -19,7 +19,11 @@ import lars_fx
 from lars_fx import functional as F
 from lars_modes import lars_step_in_mode
 
-MODES = ("foreach", "per_tensor", "fused")
+MODES = ("foreach", "per_tensor", "fused", "flat")
+
+
+def mode_flags(mode: str) -> dict[str, bool]:
+    return {"foreach": mode != "per_tensor", "fused": mode == "fused", "flat": mode == "flat"}
 SGD_OPTIONS = dict(lr=0.2, momentum=0.9, weight_decay=1e-3)
 LARS_OPTIONS = dict(coefficient=0.05, use_clip=True)
 
@@ -39,7 +43,7 @@ def make(mode: str, optimizer: type[torch.optim.Optimizer] = torch.optim.SGD, se
     inner_options = SGD_OPTIONS if optimizer is torch.optim.SGD else dict(lr=1e-2, weight_decay=1e-3)
     inner = optimizer(model.named_parameters(), **inner_options)
     options = {**LARS_OPTIONS, **lars_options}
-    return model, lars_fx.LARS(inner, foreach=mode != "per_tensor", fused=mode == "fused", **options)
+    return model, lars_fx.LARS(inner, **mode_flags(mode), **options)
 
 
 def set_grads(model: nn.Module, step: int) -> None:
@@ -193,7 +197,7 @@ def test_state_dict_loads_into_plain_sgd_and_back(mode):
     plain = copy.deepcopy(sgd.state_dict())
     twin_model = copy.deepcopy(model)
     twin = lars_fx.LARS(torch.optim.SGD(twin_model.named_parameters(), **SGD_OPTIONS),
-                        foreach=mode != "per_tensor", fused=mode == "fused", **LARS_OPTIONS)
+                        **mode_flags(mode), **LARS_OPTIONS)
     twin.load_state_dict(plain)
     assert (twin.coefficient, twin.use_clip) == (0.05, True)
     step_both([(model, opt), (twin_model, twin)], range(3, 6))
@@ -211,7 +215,7 @@ def test_older_state_dict_without_our_keys(mode):
                                                         for g in saved["param_groups"]]}
     twin_model = copy.deepcopy(model)
     twin = lars_fx.LARS(torch.optim.SGD(twin_model.named_parameters(), **SGD_OPTIONS),
-                        foreach=mode != "per_tensor", fused=mode == "fused", **LARS_OPTIONS)
+                        **mode_flags(mode), **LARS_OPTIONS)
     twin.load_state_dict(older)
     step_both([(model, opt), (twin_model, twin)], range(3, 6))
     assert_same_run((model, opt), (twin_model, twin))
@@ -262,7 +266,7 @@ def test_tensor_lr_of_every_shape(mode, options, shape):
     lr = torch.full(shape, 0.2)
     model = Net()
     sgd = torch.optim.SGD(model.named_parameters(), lr=lr, momentum=0.9, weight_decay=1e-3, **sgd_options)
-    opt = lars_fx.LARS(sgd, coefficient=0.05, foreach=mode != "per_tensor", fused=mode == "fused",
+    opt = lars_fx.LARS(sgd, coefficient=0.05, **mode_flags(mode),
                        **{"use_clip": False, **lars_options})
     start = copy.deepcopy(model)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
