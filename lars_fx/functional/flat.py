@@ -112,14 +112,8 @@ def segment_squared_norms(x: Tensor, segments: Segments, dtype: torch.dtype) -> 
 
 
 def segment_norms(views: list[Tensor]) -> Tensor:
-    """``[||v|| for v in views]`` in the compute dtype, read from the segments' own views (padding unread):
-    one BLAS dot product per segment where the dtype is its own compute dtype (on the CPU about twice as fast
-    as ``torch._foreach_norm``), ``torch._foreach_norm`` in float32 for half precision."""
-    dtype = compute_dtype(views[0].dtype)
-    if dtype != views[0].dtype:
-        return torch.stack(torch._foreach_norm(views, 2, dtype=dtype))
-    flat = [v.reshape(-1) for v in views]
-    return torch.stack([torch.dot(v, v) for v in flat]).sqrt()
+    """``[||v|| for v in views]`` in the compute dtype, read from the segments' own views (padding unread)."""
+    return torch.stack(torch._foreach_norm(views, 2, dtype=compute_dtype(views[0].dtype)))
 
 
 def per_chunk(values: Tensor, segments: Segments) -> Tensor:
