@@ -110,14 +110,23 @@ def _caller_level() -> int:
     return level
 
 
-def _refuse(group: dict[str, Any], group_index: int, index: int, param: Tensor) -> None:
+def _shares_storage(param: Tensor, own: frozenset[int]) -> bool:
+    """Whether ``param`` views a storage larger than itself (a slice, an expanded tensor, a parameter made
+    over part of another tensor), other than a buffer of this optimizer's previous layout."""
+    if param.is_meta or is_dtensor(param):
+        return False
+    storage = param.untyped_storage()
+    return storage.data_ptr() not in own and storage.nbytes() != param.numel() * param.element_size()
+
+
+def _refuse(group: dict[str, Any], group_index: int, index: int, param: Tensor, own: frozenset[int]) -> None:
     name = parameter_name(group, group_index, index)
     if is_dtensor(param):
         raise ValueError(
             f"LARS(flat=True) got the sharded (DTensor) parameter {name}: sharded parameters own their "
             "storage (FSDP2, tensor parallelism), so they cannot be views of a flat buffer; use flat=False"
         )
-    if param._base is not None:
+    if param._base is not None or _shares_storage(param, own):
         raise ValueError(
             f"LARS(flat=True) got {name}, a view of another tensor: re-pointing it into a flat buffer would "
             "cut it off from the tensor it views; make it a parameter of its own (nn.Parameter(t.clone())), "
@@ -128,7 +137,16 @@ def _refuse(group: dict[str, Any], group_index: int, index: int, param: Tensor) 
 class FlatLayout:
     """The flat buffers of one ``LARS`` optimizer (see the module docstring)."""
 
-    def __init__(self, param_groups: list[dict[str, Any]], masks: list[list[bool]], state: Any) -> None:
+    def __init__(
+        self,
+        param_groups: list[dict[str, Any]],
+        masks: list[list[bool]],
+        state: Any,
+        own_storages: frozenset[int] = frozenset(),
+    ) -> None:
+        """Build the buffers of ``param_groups`` (``masks``: the filter's decisions), copying the parameters,
+        gradients and momentum buffers (in ``state``) in; ``own_storages``: the data pointers of the previous
+        layout's buffers, whose views are parameters, not slices of someone else's tensor."""
         self.buckets: list[FlatBucket] = []
         self.outside: list[Tensor] = []  # parameters left out (no gradient required, or empty)
         self.grad_copies = 0
@@ -136,7 +154,7 @@ class FlatLayout:
         for group_index, (group, mask) in enumerate(zip(param_groups, masks, strict=True)):
             keyed: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
             for index, param in enumerate(group["params"]):
-                _refuse(group, group_index, index, param)
+                _refuse(group, group_index, index, param, own_storages)
                 if param.requires_grad and param.numel() > 0:
                     keyed.setdefault((param.device, param.dtype, mask[index]), []).append(index)
                 else:
@@ -173,6 +191,10 @@ class FlatLayout:
             for param, view in zip(params, bucket.momentum_views, strict=True):
                 state[param]["momentum_buffer"] = view
         return bucket
+
+    def storages(self) -> frozenset[int]:
+        """The data pointers of the weight buffers (their views are the parameters)."""
+        return frozenset(bucket.weights.untyped_storage().data_ptr() for bucket in self.buckets)
 
     def param_ids(self) -> set[int]:
         return {id(p) for bucket in self.buckets for p in bucket.params}

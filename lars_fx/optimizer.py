@@ -65,9 +65,19 @@ class _Option:
         return self if obj is None else getattr(obj, self.slot)
 
     def __set__(self, obj: LARS, value: Any) -> None:
+        missing = object()
+        previous = getattr(obj, self.slot, missing)
         setattr(obj, self.slot, self.check(self.name, value))
-        if self.on_set is not None:
+        if self.on_set is None:
+            return
+        try:
             self.on_set(obj)
+        except Exception:  # refused (say fused=True over Adam): the option keeps its previous value
+            if previous is missing:
+                delattr(obj, self.slot)
+            else:
+                setattr(obj, self.slot, previous)
+            raise
 
 
 class _MathOption:
@@ -179,6 +189,8 @@ class LARS(Optimizer):
         self.telemetry: Telemetry | None = Telemetry() if check_flag("telemetry", telemetry) else None
         self._fused_step: FusedStep | None = None
         self._flat_layout: FlatLayout | None = None
+        self._telemetry_parts: dict[int, tuple[list[int], F.NormCollector]] | None = None
+        self._own_storages: frozenset[int] = frozenset()
 
         # Optimizer.__init__ sets up hooks and registers the groups; afterwards the wrapper and the
         # wrapped optimizer share one list of groups and one state, so schedulers, state_dict and
@@ -259,12 +271,16 @@ class LARS(Optimizer):
 
     def _refresh_flat_layout(self) -> None:
         """Build the flat buffers anew (parameters, gradients, momentum buffers copied in), or drop them."""
+        # The storages of this optimizer's buffers, whose views are parameters (not slices of a user's tensor)
+        # after a rebuild, or after flat=False and flat=True again.
+        if self._flat_layout is not None:
+            self._own_storages = self._own_storages | self._flat_layout.storages()
         if not getattr(self, "_option_flat", False):
             self._flat_layout = None
             return
         from .flat_layout import FlatLayout
 
-        self._flat_layout = FlatLayout(self.param_groups, self._lars_masks, self.state)
+        self._flat_layout = FlatLayout(self.param_groups, self._lars_masks, self.state, self._own_storages)
 
     epsilon = _MathOption()
     coefficient = _MathOption()
@@ -359,6 +375,12 @@ class LARS(Optimizer):
         super().__setstate__(state)
         self._fused_step = None
         self._flat_layout = None
+        # An unpickled flat optimizer's parameters share the storage of the original's buffers (pickle keeps
+        # views as views): they were the original's segments, not slices of a user's tensor.
+        self._own_storages = frozenset(
+            p.untyped_storage().data_ptr() for group in self.param_groups for p in group["params"]
+            if not p.is_meta and not sharding.is_dtensor(p)
+        )
         self._refresh_lars_masks()
         self._fused_changed()
 
@@ -537,7 +559,7 @@ class LARS(Optimizer):
         (``functional.flat.lars_sgd_flat``), then the parameters that step per tensor."""
         layout = self._flat_layout
         assert layout is not None
-        collectors: dict[int, tuple[list[int], F.NormCollector]] = {}
+        parts: dict[int, tuple[list[int], F.NormCollector]] = {}
         for bucket, momentum_state in flat.buckets:
             group = self.param_groups[bucket.group_index]
             norms = None
@@ -550,17 +572,19 @@ class LARS(Optimizer):
             if momentum_state == "new" and new_buffer is not None:
                 layout.keep_new_momentum(bucket, new_buffer, self.state)
             if self.telemetry is not None and result is not None:
-                indices, collector = collectors.setdefault(bucket.group_index, ([], F.NormCollector()))
-                indices += bucket.indices
-                collector.add(bucket.indices, *result)
+                _add_telemetry_part(parts, bucket.group_index, bucket.indices, result)
+        self._telemetry_parts = parts  # the per-tensor steps' norms join their group's record
+        try:
+            for group_index, tensors in enumerate(rest):
+                if tensors.params:
+                    self._sgd_group_step(group_index, tensors, None)
+        finally:
+            self._telemetry_parts = None
         if self.telemetry is not None:
-            for group_index, (indices, collector) in collectors.items():
+            for group_index, (indices, collector) in parts.items():
                 params = self.param_groups[group_index]["params"]
                 lars_params = [params[i] for i in sorted(indices)]
                 self.telemetry.record(self, group_index, lars_params, *collector.result())
-        for group_index, tensors in enumerate(rest):
-            if tensors.params:
-                self._sgd_group_step(group_index, tensors, None)
 
     def _eager_sgd_step(self, gathered: list[GroupTensors]) -> None:
         """The eager LARS-over-SGD step of every group (sharded norms reduced once for all of them)."""
@@ -570,9 +594,14 @@ class LARS(Optimizer):
                 self._sgd_group_step(group_index, group_tensors, norms[group_index])
 
     def _record_telemetry(self, group_index: int, tensors: GroupTensors, norms: F.LarsNorms) -> None:
-        if self.telemetry is not None:
-            lars_params = [p for p, use_lars in zip(tensors.params, tensors.mask, strict=True) if use_lars]
-            self.telemetry.record(self, group_index, lars_params, *norms)
+        if self.telemetry is None:
+            return
+        if self._telemetry_parts is not None:  # part of a flat step: recorded with the group's other parts
+            indices = [i for i, use_lars in zip(tensors.indices, tensors.mask, strict=True) if use_lars]
+            _add_telemetry_part(self._telemetry_parts, group_index, indices, norms)
+            return
+        lars_params = [p for p, use_lars in zip(tensors.params, tensors.mask, strict=True) if use_lars]
+        self.telemetry.record(self, group_index, lars_params, *norms)
 
     def _reference_norms(
         self, group_index: int, tensors: GroupTensors, given: tuple[Tensor, Tensor] | None
@@ -662,3 +691,15 @@ class LARS(Optimizer):
                     self.state[p]["momentum_buffer"] = sharding.wrap_like(p, buf)
                 elif buf is not local_previous:
                     local_previous.copy_(buf)
+
+
+def _add_telemetry_part(
+    parts: dict[int, tuple[list[int], F.NormCollector]],
+    group_index: int,
+    indices: list[int],
+    norms: F.LarsNorms,
+) -> None:
+    """One part of a group's telemetry: the norms of its LARS parameters at ``indices`` in the group."""
+    positions, collector = parts.setdefault(group_index, ([], F.NormCollector()))
+    positions += indices
+    collector.add(indices, *norms)
