@@ -551,9 +551,9 @@ def worker(rank: int, world_size: int, init_method: str, args: argparse.Namespac
 
 
 def _exit_without_finalization() -> None:
-    """End a rank without the interpreter's finalization: C++ threads of gloo and of the profiler that outlive
-    ``destroy_process_group`` can abort the process there ("terminate called without an active exception", seen
-    once in CI after the table was written; pytorch#179291 describes the same teardown race)."""
+    """End a rank without the interpreter's finalization: C++ threads of gloo and of the profiler that
+    outlive ``destroy_process_group`` can abort the process there ("terminate called without an active
+    exception", seen once in CI after the table was written; pytorch#179291 describes the same race)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

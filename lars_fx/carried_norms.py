@@ -6,6 +6,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
+from .functional.flat import Segments, segment_squared_norms
 from .passes.fx_norms import squared_norms
 from .passes.fx_spec import carried_batches
 
@@ -15,15 +16,18 @@ __all__ = ["CarriedNorms"]
 class CarriedNorms:
     """``||w||^2`` per batch of a graph rewritten with ``carry_weight_norms``.
 
-    ``batches``: per carried input, the positions of its weights among the graph's other inputs and
-    the compute dtype. A run's outputs are reused by the next run only while every weight still has
-    the version counter and data pointer that run left it with: a write by anything else (another
-    graph, the eager step, ``load_state_dict``, an in-place edit) bumps the version and the norms are
-    recomputed. Writes that bypass the version counter (``p.data``) are not seen, nor writes into DTensor
-    parameters through ``torch._foreach_*_`` or ``to_local()``: ``lars_fx.fused`` carries no norms over them.
+    ``batches``: per carried input, the positions of its weights among the graph's other inputs, the
+    compute dtype, and for a flat buffer (``LARS(flat=True, fused=True)``) the positions of its
+    ``chunk_segment`` and ``chunk_valid`` inputs and its segment count (its fresh norms are then
+    ``segment_squared_norms``, one per segment). A run's outputs are reused by the next run only while
+    every weight still has the version counter and data pointer that run left it with: a write by anything
+    else (another graph, the eager step, ``load_state_dict``, an in-place edit) bumps the version and the
+    norms are recomputed. Writes that bypass the version counter (``p.data``) are not seen, nor writes into
+    DTensor parameters through ``torch._foreach_*_`` or ``to_local()``: ``lars_fx.fused`` carries no norms
+    over them.
     """
 
-    def __init__(self, batches: list[tuple[list[int], torch.dtype]]) -> None:
+    def __init__(self, batches: list[tuple[list[int], torch.dtype, tuple[int, int, int] | None]]) -> None:
         self.batches = batches
         self._norms: list[Tensor] | None = None
         self._left_at: tuple | None = None
@@ -36,18 +40,35 @@ class CarriedNorms:
         if not batches:
             return None
         position = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        return cls([([position[u.param.name] for u in b.updates], b.compute_dtype) for b in batches])
+        return cls([
+            (
+                [position[u.param.name] for u in b.updates],
+                b.compute_dtype,
+                None if b.segments is None else (
+                    position[b.segments.chunk_segment],
+                    position[b.segments.chunk_valid],
+                    b.segments.num_segments,
+                ),
+            )
+            for b in batches
+        ])
 
     def _state(self, inputs: list[Tensor]) -> tuple:
         return tuple(
-            (inputs[i]._version, inputs[i].data_ptr()) for positions, _ in self.batches for i in positions
+            (inputs[i]._version, inputs[i].data_ptr()) for positions, _, _ in self.batches for i in positions
         )
 
     def inputs(self, inputs: list[Tensor]) -> list[Tensor]:
         """The carried norms to pass after ``inputs``: the last run's, or fresh ones."""
         if self._norms is None or self._state(inputs) != self._left_at:
             self._norms = [
-                squared_norms([inputs[i] for i in positions], dtype) for positions, dtype in self.batches
+                squared_norms([inputs[i] for i in positions], dtype) if segments is None
+                else segment_squared_norms(
+                    inputs[positions[0]],
+                    Segments(inputs[segments[0]], inputs[segments[1]], segments[2]),
+                    dtype,
+                )
+                for positions, dtype, segments in self.batches
             ]
         return self._norms
 

@@ -23,6 +23,7 @@ stay out of the buffers.
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import warnings
@@ -66,6 +67,7 @@ class FlatBucket:
     momentum_views: list[Tensor] = field(default_factory=list)
     weight_pointers: list[int] = field(default_factory=list)
     attached: list[bool] = field(default_factory=list)  # .grad was given its view (copies after count)
+    versions: tuple[int, ...] = ()  # the parameters' version counters after the bucket's last whole step
 
     def view(self, buffer: Tensor, k: int) -> Tensor:
         offset, numel = self.layout.offsets[k], self.layout.numels[k]
@@ -99,6 +101,7 @@ class FlatGather:
     outside_grads: bool = False  # a parameter outside the buckets has a gradient (it steps per tensor)
 
 
+_VERSION = operator.attrgetter("_version")
 _LIBRARIES = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
@@ -274,6 +277,24 @@ class FlatLayout:
             for param, view in zip(bucket.params, bucket.momentum_views, strict=True):
                 state[param]["momentum_buffer"] = view
         return "flat"
+
+    @staticmethod
+    def notice_writes(flat: FlatGather) -> None:
+        """Before a step: bump the weight buffer's version of a bucket whose parameters were written through
+        their views since its last step (``p.copy_``, ``load_state_dict``, a per-tensor step): a parameter
+        re-pointed with ``p.data = view`` keeps a version counter of its own, and the carried norms of a
+        fused step watch the buffer's."""
+        for bucket, _ in flat.buckets:
+            if tuple(map(_VERSION, bucket.params)) != bucket.versions:
+                torch.autograd.graph.increment_version(bucket.weights)
+
+    @staticmethod
+    def stepped(flat: FlatGather) -> None:
+        """After a step wrote the buckets' buffers: bump their parameters' versions, as an in-place update of
+        each would (autograd then refuses a backward through weights saved before the step), and keep them."""
+        for bucket, _ in flat.buckets:
+            torch.autograd.graph.increment_version(bucket.params)
+            bucket.versions = tuple(map(_VERSION, bucket.params))
 
     def keep_new_momentum(self, bucket: FlatBucket, buffer: Tensor, state: Any) -> None:
         """After a ``"new"`` step: ``buffer`` is the bucket's momentum; its views become the state's."""

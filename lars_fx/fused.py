@@ -25,6 +25,20 @@ With ``carry_weight_norms`` (the default) the graph takes each batch's ``||w||^2
 those of the weights it wrote (``fx_carry_weight_norms``); ``CarriedNorms`` feeds them to the next run
 of the same graph while nothing else has written the weights, and recomputes them otherwise.
 
+``LARS(flat=True, fused=True)`` (``FusedStep.flat``) captures the same SGD over the flat buffers of
+``lars_fx.flat_layout``: per group, each bucket's weights, gradients and momentum buffer are one "parameter"
+of SGD (its update is element-wise, so SGD over a buffer is SGD over its segments), and each LARS bucket's
+``chunk_segment`` and ``chunk_valid`` follow as inputs SGD does not read. The request marks each LARS bucket a
+segmented buffer (``fx_spec.FlatSegments``): the norm pass reduces one squared norm per segment
+(``segment_squared_norms``), the trust-ratio pass broadcasts each segment's coefficient over its chunks
+(``per_chunk``), the other passes are unchanged. The graph has the same nodes whatever the number of
+parameters; its key is built per bucket (its buffers' layouts, the filter's side, its segments' indices in
+their group) and from the options, reading no parameter's tensor. A step where some parameters step per tensor
+(one without a gradient), or where momentum buffers are still to be made, runs the eager flat step. A
+parameter is a view of its bucket's weights with a version counter of its own (``p.data = view``): a write
+through it (``p.copy_``, ``load_state_dict``) is noticed by ``FlatLayout.notice_writes``, which bumps the
+buffer's version before the graph runs, so the carried norms are recomputed.
+
 Sharded parameters (DTensors: FSDP2, tensor parallelism, also mixed with plain tensors): the graph is traced
 over this rank's pieces (``to_local()`` of the parameters, of their gradients laid out as them, and of the
 momentum buffers, which stay DTensors in ``opt.state`` and are written in place through their pieces), keyed
@@ -40,7 +54,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,11 +64,12 @@ from torch.optim.sgd import sgd
 from .functional import NormCollector
 from .graph_cache import GraphCache, InspectReport, inspect_graph
 from .params import refuse_parameters_without_data
-from .passes.fx_spec import LarsRequest, ParamRole
+from .passes.fx_spec import FlatSegments, LarsRequest, ParamRole
 from .passes.pipelines import LARS_SGD
 from .sharding import local
 
 if TYPE_CHECKING:
+    from .flat_layout import FlatBucket, FlatGather, FlatLayout
     from .optimizer import LARS, GroupTensors
     from .telemetry import Telemetry
 
@@ -93,6 +108,14 @@ class _StepPlan:
         return flat
 
 
+def _devices(plan: _StepPlan) -> list[tuple[int, torch.device]]:
+    """Per group, the device of its lr and momentum inputs."""
+    return [
+        (group.group_index, group.params[0].device if group.params else torch.device("cpu"))
+        for group in plan.groups
+    ]
+
+
 def _lars_options(opt: LARS) -> dict[str, Any]:
     """What the passes bake into the graph besides the parameter map (``LarsRequest`` fields)."""
     return {
@@ -106,6 +129,25 @@ def _lars_options(opt: LARS) -> dict[str, Any]:
 def _norm_process_groups(opt: LARS) -> tuple[str, ...]:
     reduction = opt._norm_reduction
     return () if reduction is None else tuple(group.group_name for group in reduction.groups)
+
+
+def _sgd_options(group: dict[str, Any]) -> dict[str, Any]:
+    """The group's options as torch's functional ``sgd`` takes them (lr aside)."""
+    return {
+        "weight_decay": float(group["weight_decay"]),
+        "momentum": float(group["momentum"]),
+        "dampening": float(group["dampening"]),
+        "nesterov": bool(group["nesterov"]),
+        "maximize": bool(group["maximize"]),
+    }
+
+
+def _baked(options: dict[str, Any]) -> tuple:
+    """What of a group's SGD options the graph bakes in (momentum is an input, but on or off shapes it)."""
+    return (
+        options["weight_decay"], options["momentum"] != 0, options["dampening"], options["nesterov"],
+        options["maximize"],
+    )
 
 
 def _plan(opt: LARS, gathered: list[GroupTensors], *, zero_missing_buffers: bool = False) -> _StepPlan | None:
@@ -125,13 +167,7 @@ def _plan(opt: LARS, gathered: list[GroupTensors], *, zero_missing_buffers: bool
             buffers = [torch.zeros_like(p) if b is None else b for p, b in zip(params, buffers, strict=True)]
         if opt._has_dtensors:
             buffers = [local(b) for b in buffers]
-        options = {
-            "weight_decay": float(group["weight_decay"]),
-            "momentum": float(momentum),
-            "dampening": float(group["dampening"]),
-            "nesterov": bool(group["nesterov"]),
-            "maximize": bool(group["maximize"]),
-        }
+        options = _sgd_options(group)
         groups.append(
             _GroupPlan(group_index, params, grads, buffers, mask, indices, options, owners, norm_weights)
         )
@@ -144,11 +180,7 @@ def _plan(opt: LARS, gathered: list[GroupTensors], *, zero_missing_buffers: bool
                 tuple((b.shape, b.stride(), b.dtype, b.device) for b in buffers),  # a loaded state may differ
                 tuple(mask),
                 tuple(norm_weights),
-                options["weight_decay"],
-                options["momentum"] != 0,
-                options["dampening"],
-                options["nesterov"],
-                options["maximize"],
+                *_baked(options),
             )
         )
     lars_options = _lars_options(opt)
@@ -156,20 +188,27 @@ def _plan(opt: LARS, gathered: list[GroupTensors], *, zero_missing_buffers: bool
 
 
 def _step_function(plan: _StepPlan) -> Callable[..., None]:
-    """The wrapped SGD's step over the flat inputs ``[lr, momentum, params, grads, buffers]*groups``."""
+    """The wrapped SGD's step over the inputs ``[lr, momentum, params, grads, buffers]*groups``."""
+    return _sgd_step([(len(g.params), bool(g.buffers), g.options) for g in plan.groups])
 
-    def step(*flat: Tensor) -> None:
+
+def _sgd_step(groups: list[tuple[int, bool, dict[str, Any]]]) -> Callable[..., None]:
+    """torch's foreach SGD over the inputs ``[lr, momentum, params, grads, buffers]`` of each group of
+    ``(tensor count, with momentum buffers, SGD options)``; inputs after the groups' are not read (a flat
+    step's segments, for the passes)."""
+
+    def step(*inputs: Tensor) -> None:
         offset = 0
-        for group in plan.groups:
-            n, lr = len(group.params), flat[offset]
-            params = list(flat[offset + 2 : offset + 2 + n])
-            grads = list(flat[offset + 2 + n : offset + 2 + 2 * n])
-            end = offset + 2 + 2 * n + len(group.buffers)
-            buffers: list[Tensor | None] = list(flat[offset + 2 + 2 * n : end]) or [None] * n
+        for n, with_buffers, options in groups:
+            lr = inputs[offset]
+            params = list(inputs[offset + 2 : offset + 2 + n])
+            grads = list(inputs[offset + 2 + n : offset + 2 + 2 * n])
+            end = offset + 2 + 2 * n + (n if with_buffers else 0)
+            buffers: list[Tensor | None] = list(inputs[offset + 2 + 2 * n : end]) or [None] * n
             offset = end
             if n:
                 # torch's functional sgd takes a tensor lr; its annotation says float
-                sgd(params, grads, buffers, foreach=True, lr=lr, **group.options)  # type: ignore[arg-type]
+                sgd(params, grads, buffers, foreach=True, lr=lr, **options)  # type: ignore[arg-type]
 
     return step
 
@@ -191,6 +230,109 @@ def _request(plan: _StepPlan, gm: torch.fx.GraphModule) -> LarsRequest:
     return LarsRequest(
         params=params, momentum_inputs=momentum_inputs, norm_weights=norm_weights, **plan.lars_options
     )
+
+
+@dataclass
+class _FlatGroup:
+    group_index: int
+    buckets: list[FlatBucket]  # the group's buckets that step whole, in the layout's order
+    options: dict[str, Any]
+
+    @property
+    def with_momentum(self) -> bool:
+        return self.options["momentum"] != 0
+
+
+@dataclass
+class _FlatPlan:
+    """A ``flat=True`` step as one graph: per group ``[lr, momentum, weights, grads, momentum buffers]`` of
+    its buckets (each bucket buffer one "parameter" of SGD, whose update is element-wise), then per LARS
+    bucket its ``chunk_segment`` and ``chunk_valid`` (read by the passes, not by SGD)."""
+
+    groups: list[_FlatGroup]
+    lars_options: dict[str, Any]
+    key: tuple
+
+    def segmented(self) -> list[FlatBucket]:
+        return [b for group in self.groups for b in group.buckets if b.segments is not None]
+
+    def devices(self) -> list[tuple[int, torch.device]]:
+        return [(group.group_index, group.buckets[0].weights.device) for group in self.groups]
+
+    def inputs(self, hypers: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        inputs: list[Tensor] = []
+        for group, (lr, momentum) in zip(self.groups, hypers, strict=True):
+            inputs += [lr, momentum, *(b.weights for b in group.buckets), *(b.grads for b in group.buckets)]
+            if group.with_momentum:  # zeros stand in for buffers still to be made (inspection only)
+                inputs += [torch.zeros_like(b.weights) if b.momentum is None else b.momentum
+                           for b in group.buckets]
+        for bucket in self.segmented():
+            assert bucket.segments is not None
+            inputs += [bucket.segments.chunk_segment, bucket.segments.chunk_valid]
+        return inputs
+
+    def step_function(self) -> Callable[..., None]:
+        return _sgd_step([(len(g.buckets), g.with_momentum, g.options) for g in self.groups])
+
+
+def _bucket_key(bucket: FlatBucket, momentum_state: str) -> tuple:
+    """What a graph bakes in of a bucket: its place, the filter's decision, its buffers' layout, its
+    segments (count, and their indices, which telemetry names)."""
+    buffers = (bucket.weights, bucket.grads) if bucket.momentum is None else (
+        bucket.weights, bucket.grads, bucket.momentum
+    )
+    return (
+        bucket.group_index,
+        bucket.use_lars,
+        tuple(bucket.indices),
+        momentum_state,
+        tuple((b.shape, b.stride(), b.dtype, b.device) for b in buffers),
+    )
+
+
+def _flat_plan(opt: LARS, flat: FlatGather) -> _FlatPlan:
+    """The graph of the buckets ``flat`` steps whole (none has a momentum buffer still to make), and its key:
+    the buckets and the groups' and LARS's baked options, built per bucket (no parameter's tensor is read)."""
+    by_group: dict[int, _FlatGroup] = {}
+    bucket_keys = []
+    for bucket, momentum_state in flat.buckets:
+        group = by_group.get(bucket.group_index)
+        if group is None:
+            options = _sgd_options(opt.param_groups[bucket.group_index])
+            group = by_group[bucket.group_index] = _FlatGroup(bucket.group_index, [], options)
+        group.buckets.append(bucket)
+        bucket_keys.append(_bucket_key(bucket, momentum_state))
+    groups = [by_group[index] for index in sorted(by_group)]
+    lars_options = _lars_options(opt)
+    key = (
+        "flat",
+        tuple(bucket_keys),
+        tuple((group.group_index, *_baked(group.options)) for group in groups),
+        tuple(lars_options.items()),
+    )
+    return _FlatPlan(groups, lars_options, key)
+
+
+def _flat_request(plan: _FlatPlan, gm: torch.fx.GraphModule) -> LarsRequest:
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    params: dict[str, ParamRole] = {}
+    momentum_inputs: dict[int, str] = {}
+    sizes = [2 + (3 if group.with_momentum else 2) * len(group.buckets) for group in plan.groups]
+    segment_names = iter(names[sum(sizes) :])
+    offset = 0
+    for group, size in zip(plan.groups, sizes, strict=True):
+        momentum_inputs[group.group_index] = names[offset + 1]
+        for k, bucket in enumerate(group.buckets):
+            segments = None
+            if bucket.segments is not None:
+                chunk_segment, chunk_valid = next(segment_names), next(segment_names)
+                count = bucket.segments.num_segments
+                segments = FlatSegments(chunk_segment, chunk_valid, count, tuple(bucket.indices))
+            params[names[offset + 2 + k]] = ParamRole(
+                group.group_index, bucket.indices[0], bucket.use_lars, segments
+            )
+        offset += size
+    return LarsRequest(params=params, momentum_inputs=momentum_inputs, **plan.lars_options)
 
 
 _LIMIT_ADVICE = (
@@ -235,14 +377,14 @@ class FusedStep:
     def fallback(self) -> str | None:
         return self.cache.fallback
 
-    def _hyper_tensors(self, plan: _StepPlan) -> list[tuple[Tensor, Tensor]]:
+    def _hyper_tensors(self, groups: list[tuple[int, torch.device]]) -> list[tuple[Tensor, Tensor]]:
+        """Per ``(group index, device)``, the group's lr and momentum as 0-d tensors on the device."""
         hypers = []
-        for group in plan.groups:
-            settings = self.opt.param_groups[group.group_index]
-            device = group.params[0].device if group.params else torch.device("cpu")
-            lr, momentum = self._hypers.get(group.group_index, (None, None))
+        for group_index, device in groups:
+            settings = self.opt.param_groups[group_index]
+            lr, momentum = self._hypers.get(group_index, (None, None))
             if lr is None or momentum is None or lr.device != device:
-                lr, momentum = self._hypers[group.group_index] = (scalar_input(device), scalar_input(device))
+                lr, momentum = self._hypers[group_index] = (scalar_input(device), scalar_input(device))
             set_scalar(lr, settings["lr"])
             set_scalar(momentum, settings["momentum"])
             hypers.append((lr, momentum))
@@ -261,7 +403,7 @@ class FusedStep:
             refuse_parameters_without_data(opt.param_groups, opt.state, "LARS(fused=True)", _OR_EAGER)
         compiled = None
         if plan is not None and any(group.params for group in plan.groups):
-            inputs = plan.inputs(self._hyper_tensors(plan))
+            inputs = plan.inputs(self._hyper_tensors(_devices(plan)))
             request = functools.partial(_request, plan)
             compiled = self.cache.get(plan.key, _step_function(plan), inputs, request)
         if compiled is None or compiled.run is None:
@@ -270,6 +412,44 @@ class FusedStep:
         outputs = compiled(inputs)
         if opt.telemetry is not None:
             record_graph_telemetry(opt.telemetry, opt, compiled.telemetry, outputs)
+
+    @torch.compiler.disable  # inside a torch.compile'd training step, run the already compiled step
+    @torch.no_grad()
+    def flat(
+        self,
+        flat: FlatGather,
+        rest: list[GroupTensors],
+        eager_flat_step: Callable[[FlatGather, list[GroupTensors]], None],
+    ) -> None:
+        """One ``LARS(flat=True, fused=True)`` step: the buckets that step whole as one graph over their flat
+        buffers (its size independent of the number of parameters), then the parameters outside the buckets
+        (empty ones) per tensor. ``eager_flat_step(flat, rest)`` runs the whole step instead where a bucket
+        steps per tensor this step (a gradient missing), momentum buffers are still to be made, no graph
+        runs, or telemetry would see a group in two parts."""
+        opt = self.opt
+        outside = any(tensors.params for tensors in rest)
+        if (
+            not flat.buckets
+            or flat.per_tensor
+            or any(state == "new" for _, state in flat.buckets)
+            or (outside and opt.telemetry is not None)
+        ):
+            eager_flat_step(flat, rest)
+            return
+        plan = _flat_plan(opt, flat)
+        if plan.key not in self.cache:
+            refuse_parameters_without_data(opt.param_groups, opt.state, "LARS(fused=True)", _OR_EAGER)
+        inputs = plan.inputs(self._hyper_tensors(plan.devices()))
+        request = functools.partial(_flat_request, plan)
+        compiled = self.cache.get(plan.key, plan.step_function(), inputs, request)
+        if compiled is None or compiled.run is None:
+            eager_flat_step(flat, rest)
+            return
+        outputs = compiled(inputs)
+        if opt.telemetry is not None:
+            record_graph_telemetry(opt.telemetry, opt, compiled.telemetry, outputs)
+        if outside:
+            eager_flat_step(replace(flat, buckets=[]), rest)
 
 
 def record_graph_telemetry(
@@ -298,11 +478,27 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     ``compile=True`` also compiles the result with Inductor (its cache off) to count the kernels it generates;
     ``kernel_count`` stays None otherwise.
     """
+    if opt.flat_layout is not None:
+        return _inspect_flat_step(opt, opt.flat_layout, compile=compile)
     plan = _plan(opt, opt.gather(), zero_missing_buffers=True)
     assert plan is not None  # with zero_missing_buffers, _plan always plans
     refuse_parameters_without_data(opt.param_groups, opt.state, "LARS(fused=True)", _OR_EAGER)
     if not any(group.params for group in plan.groups):
         raise ValueError("inspect_step needs gradients: run a backward pass before inspecting the step")
-    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))
+    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(_devices(plan)))
     request_for = functools.partial(_request, plan)
     return inspect_graph(LARS_SGD, _step_function(plan), inputs, request_for, tag="inspect", compile=compile)
+
+
+def _inspect_flat_step(opt: LARS, layout: FlatLayout, *, compile: bool) -> InspectReport:
+    """``inspect_step`` of a ``flat=True`` optimizer: the graph over its buckets' flat buffers."""
+    flat = layout.gather(opt.param_groups, opt.state)
+    if flat.per_tensor or not flat.buckets:
+        raise ValueError(
+            "inspect_step needs every flat parameter to have a gradient (parameters without one step per "
+            "tensor): run a backward pass before inspecting the step"
+        )
+    plan = _flat_plan(opt, flat)
+    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan.devices()))
+    request_for = functools.partial(_flat_request, plan)
+    return inspect_graph(LARS_SGD, plan.step_function(), inputs, request_for, tag="inspect", compile=compile)

@@ -531,6 +531,7 @@ class LARS(Optimizer):
             layout = self._flat_layout
             assert layout is not None
         flat = layout.gather(self.param_groups, self.state)
+        layout.notice_writes(flat)
         if flat.per_tensor or flat.outside_grads:
             whole = {id(p) for bucket, _ in flat.buckets for p in bucket.params}
             rest = [self._without(g, whole) for g in self.gather()]
@@ -540,6 +541,7 @@ class LARS(Optimizer):
             self._fused_step.flat(flat, rest, self._eager_flat_step)
         else:
             self._eager_flat_step(flat, rest)
+        layout.stepped(flat)
 
     @staticmethod
     def _without(tensors: GroupTensors, ids: set[int]) -> GroupTensors:

@@ -5,10 +5,12 @@ after the pass that writes the update, so the value each ``copy_`` writes back i
 the step's new weight.
 Rewrite, per batch of float32 or float64 weights (half-precision ones keep reading ``w``): its
 ``squared_norms([w...])`` node becomes a new graph input (placeholder ``carried_w_sq_norm_<k>``, after the
-existing inputs, tagged ``meta["lars_fx.carried_batch"]``), and ``squared_norms([w'...])`` of the weights the
-step writes back is appended to the graph's outputs (same order). The caller feeds step t's outputs to step
-t+1. Inductor computes those reductions inside the update's own loop (``fx_norm_after_write_back``), so the
-step reads ``w`` once instead of twice: 24 instead of 28 bytes per fp32 parameter.
+existing inputs, tagged ``meta["lars_fx.carried_batch"]``), and the same squared norms of the weights the
+step writes back (``fx_norms.squared_norm_node``: ``squared_norms([w'...])``, or ``segment_squared_norms``
+of a flat buffer's segments) are appended to the graph's outputs (same order). The caller feeds step t's
+outputs to step t+1. Inductor computes those reductions inside the update's own loop
+(``fx_norm_after_write_back``), so the step reads ``w`` once instead of twice: 24 instead of 28 bytes per
+fp32 parameter.
 Preconditions (``requires``): ``insert_lars_norms`` ran; every batch's weights are written back. The caller
 owns the carry's validity: weights written between two steps (a checkpoint load, an in-place edit, another
 optimizer) need fresh norms, ``squared_norms`` of the current weights.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from .fx_norms import squared_norms
+from .fx_norms import squared_norm_node
 from .fx_spec import CARRIED_BATCH, PatternMismatch, batches_of, request_of, require_on_updates
 
 __all__ = ["CarryWeightNorms"]
@@ -84,7 +86,7 @@ class CarryWeightNorms(PassBase):
             batch.w_sq_norm = last_input
             with graph.inserting_before(output):
                 new_weights = [written[update.param] for update in batch.updates]
-                carried_outputs.append(graph.call_function(squared_norms, (new_weights, batch.compute_dtype)))
+                carried_outputs.append(squared_norm_node(graph, batch, new_weights))
         if not carried_outputs:
             return PassResult(gm, False)
         existing = output.args[0] if output.args[0] is not None else ()

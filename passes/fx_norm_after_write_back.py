@@ -10,10 +10,12 @@ same elements, which Inductor fuses into one loop (the store is reused from regi
 Pattern (post-grad ATen)::
 
     copy_(w, w')    with w a graph input of w's dtype and shape
-    [convert_element_type](w') -> mul(x, x) | pow(x, 2) -> sum(x)      # a squared norm of w'
+    [convert_element_type](w') -> mul(x, x) | pow(x, 2) -> [where(mask, x, 0)] -> sum(x[, dims])
 
-Rewrite: the chain's first node reads ``copy_(w, w')`` (the written ``w``) instead of ``w'``; the
-graph is re-sorted topologically. Nothing else changes; no other graph is touched.
+(a squared norm of ``w'``: of the whole tensor, or per segment of a flat buffer, ``segment_squared_norms``'s
+masked sum over each chunk's data). Rewrite: the chain's first node reads ``copy_(w, w')`` (the written
+``w``) instead of ``w'``; the graph is re-sorted topologically. Nothing else changes; no other graph is
+touched.
 Preconditions: none (installed by ``fx_pipeline.compile_with_inductor``, which chains it after any
 ``post_grad_custom_post_pass`` already configured).
 """
@@ -45,7 +47,8 @@ def _squares(node: torch.fx.Node, source: torch.fx.Node) -> bool:
 
 
 def _is_squared_norm(first: torch.fx.Node, value: torch.fx.Node) -> bool:
-    """``first`` (a user of ``value``) starts ``[convert](value) -> square -> sum`` with no other users."""
+    """``first`` (a user of ``value``) starts ``[convert](value) -> square -> [where] -> sum`` with no other
+    users."""
     square = first
     if _is(first, prims.convert_element_type.default):
         if len(first.users) != 1:
@@ -54,7 +57,11 @@ def _is_squared_norm(first: torch.fx.Node, value: torch.fx.Node) -> bool:
     if not _squares(square, value) or len(square.users) != 1:
         return False
     total = next(iter(square.users))
-    return _is(total, aten.sum.default) or (_is(total, aten.sum.dim_IntList) and not total.args[1])
+    if _is(total, aten.where.self) and total.args[1] is square:  # padding of a flat buffer masked out
+        if len(total.users) != 1:
+            return False
+        total = next(iter(total.users))
+    return _is(total, aten.sum.default, aten.sum.dim_IntList)
 
 
 def _same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:

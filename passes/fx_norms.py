@@ -11,6 +11,11 @@ On the devices in ``per_tensor_devices`` (default: CPU) a batch is one tensor: I
 emits the whole step as one kernel anyway, and a tensor's update then runs right after its own
 reductions and re-reads ``w`` and ``g`` from cache (measured on ResNet-50's shapes, 2 cores: 16.2 ms
 against 18.6 ms per step with one batch per group). On GPUs one batch per group keeps the kernels few.
+A flat buffer of many parameters (a role with ``segments``, ``LARS(flat=True, fused=True)``) is a batch of its
+own whose norms are one per segment: ``segment_squared_norms(x, Segments(chunk_segment, chunk_valid, count),
+dtype)`` (``lars_fx.functional.flat``), one masked reduction over the buffer's chunks whatever the number of
+segments. ``squared_norm_node`` inserts a batch's squared norms of given tensors, either way (the carry pass
+uses it for the written weights).
 Each update's ``batch`` is set to its ``NormBatch``, which holds the two nodes.
 Preconditions (``requires``): a matcher ran; placeholders carry ``meta["val"]`` (``make_fx`` sets it).
 """
@@ -23,15 +28,38 @@ from torch import Tensor
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from lars_fx.functional import compute_dtype
+from lars_fx.functional.flat import Segments, segment_squared_norms
 
 from .fx_spec import NormBatch, PatternMismatch, require_on_updates, updates_of
 
-__all__ = ["InsertLarsNorms", "squared_norms", "write_back_point"]
+__all__ = ["InsertLarsNorms", "squared_norms", "squared_norm_node", "segments_of", "write_back_point"]
 
 
 def squared_norms(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     """``[sum(t**2) for t in tensors]`` in ``dtype`` as one vector: one horizontal reduction."""
     return torch.stack([torch.sum(torch.square(t.to(dtype))) for t in tensors])
+
+
+def segments_of(graph: torch.fx.Graph, batch: NormBatch) -> Segments:
+    """A flat buffer batch's ``Segments`` as graph arguments: its tensors are the placeholders the role
+    names."""
+    segments = batch.segments
+    assert segments is not None
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    return Segments(
+        placeholders[segments.chunk_segment], placeholders[segments.chunk_valid], segments.num_segments
+    )
+
+
+def squared_norm_node(graph: torch.fx.Graph, batch: NormBatch, tensors: list[torch.fx.Node]) -> torch.fx.Node:
+    """The node of ``batch``'s squared norms of ``tensors`` (its weights, gradients or written weights), at
+    the graph's insertion point: ``squared_norms`` of a batch of tensors, ``segment_squared_norms`` of a
+    flat buffer's segments."""
+    if batch.segments is None:
+        return graph.call_function(squared_norms, (tensors, batch.compute_dtype))
+    (buffer,) = tensors
+    segments = segments_of(graph, batch)
+    return graph.call_function(segment_squared_norms, (buffer, segments, batch.compute_dtype))
 
 
 def write_back_point(graph: torch.fx.Graph) -> torch.fx.Node:
@@ -65,15 +93,15 @@ class InsertLarsNorms(PassBase):
                     update.param, "LARS parameter", "placeholder has no meta['val'] (trace it with make_fx)"
                 )
             dtype = compute_dtype(value.dtype)
-            per_tensor = update.param.name if value.device.type in self.per_tensor_devices else None
-            key = (update.role.group_index, value.device, dtype, per_tensor)
-            batch = batches.setdefault(key, NormBatch(update.role.group_index, dtype, []))
+            segments = update.role.segments
+            alone = segments is not None or value.device.type in self.per_tensor_devices
+            key = (update.role.group_index, value.device, dtype, update.param.name if alone else None)
+            batch = batches.setdefault(key, NormBatch(update.role.group_index, dtype, [], segments=segments))
             batch.updates.append(update)
             update.batch = batch
         with gm.graph.inserting_before(write_back_point(gm.graph)):
             for batch in batches.values():
-                params, grads = [u.param for u in batch.updates], [u.grad for u in batch.updates]
-                batch.w_sq_norm = gm.graph.call_function(squared_norms, (params, batch.compute_dtype))
-                batch.g_sq_norm = gm.graph.call_function(squared_norms, (grads, batch.compute_dtype))
+                batch.w_sq_norm = squared_norm_node(gm.graph, batch, [u.param for u in batch.updates])
+                batch.g_sq_norm = squared_norm_node(gm.graph, batch, [u.grad for u in batch.updates])
         gm.recompile()
         return PassResult(gm, bool(batches))

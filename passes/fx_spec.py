@@ -30,7 +30,7 @@ import torch.fx
 from lars_fx.functional import LarsOptions, trust_ratio
 
 __all__ = [
-    "ParamRole", "LayerwiseRequest", "LarsRequest", "LayerUpdate", "SgdUpdate", "NormBatch",
+    "FlatSegments", "ParamRole", "LayerwiseRequest", "LarsRequest", "LayerUpdate", "SgdUpdate", "NormBatch",
     "PatternMismatch", "Hyperparameter", "request_of", "updates_of", "batches_of", "telemetry_outputs",
     "carried_batches", "require_on_updates", "require_parameter_placeholders",
     "REQUEST", "UPDATE", "GRAD_WRITE", "TELEMETRY", "CARRIED_BATCH",
@@ -48,19 +48,41 @@ Hyperparameter = float | torch.fx.Node
 
 
 @dataclass(frozen=True)
+class FlatSegments:
+    """The segments of a flat buffer placeholder (``lars_fx.functional.flat``: each segment one optimizer
+    parameter): the placeholders holding its ``chunk_segment`` and ``chunk_valid`` tensors, how many segments
+    there are, and each segment's index in its param group."""
+
+    chunk_segment: str
+    chunk_valid: str
+    num_segments: int
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ParamRole:
-    """Which optimizer parameter a graph placeholder holds, and whether it gets the trust ratio."""
+    """Which optimizer parameter a graph placeholder holds, and whether it gets the trust ratio.
+
+    ``segments``: the placeholder is a flat buffer of many parameters (``LARS(flat=True, fused=True)``),
+    each a segment with a norm and trust ratio of its own; ``index_in_group`` is then its first
+    segment's."""
 
     group_index: int
     index_in_group: int
     use_lars: bool
+    segments: FlatSegments | None = None
+
+    def indices_in_group(self) -> tuple[int, ...]:
+        """The parameters' indices in their group: the segments' of a flat buffer, else the one."""
+        return self.segments.indices if self.segments is not None else (self.index_in_group,)
 
 
 @dataclass(frozen=True)
 class LayerwiseRequest:
     """What every layer-wise pipeline is told by its entry point.
 
-    ``params`` maps parameter placeholders to their roles. ``telemetry`` asks the trust-ratio pass to return
+    ``params`` maps parameter placeholders to their roles (a role with ``segments``: a flat buffer of many
+    parameters, whose segment placeholders the role names). ``telemetry`` asks the trust-ratio pass to return
     each batch's norms and ratios as graph outputs. ``carry_weight_norms`` asks for ``||w||^2`` as graph
     inputs and the written weights' as outputs (``fx_carry_weight_norms``), for a caller that feeds one step's
     outputs to the next. Sharded (DTensor) parameters: the graph reads this rank's pieces, and the squared
@@ -141,8 +163,8 @@ class SgdUpdate(LayerUpdate):
 @dataclass(eq=False)
 class NormBatch:
     """Trust-ratio parameters whose norms are reduced together: one param group, one device, one compute
-    dtype. ``reduced_over``: the process groups a sharded reduction summed the squared norms over
-    (``fx_reduce_sharded_norms``)."""
+    dtype; or one flat buffer (``segments``), whose norms are one per segment. ``reduced_over``: the process
+    groups a sharded reduction summed the squared norms over (``fx_reduce_sharded_norms``)."""
 
     group_index: int
     compute_dtype: torch.dtype
@@ -150,6 +172,11 @@ class NormBatch:
     w_sq_norm: torch.fx.Node | None = None
     g_sq_norm: torch.fx.Node | None = None
     reduced_over: tuple[str, ...] = ()
+    segments: FlatSegments | None = None
+
+    def indices_in_group(self) -> list[int]:
+        """The batch's parameters' indices in their group, in the order of its norm vectors."""
+        return [index for update in self.updates for index in update.role.indices_in_group()]
 
     def norm_nodes(self) -> tuple[torch.fx.Node, torch.fx.Node]:
         """``(w_sq_norm, g_sq_norm)``, for the passes after ``insert_lars_norms`` (their ``requires`` check it
@@ -211,7 +238,12 @@ def carried_batches(gm: torch.fx.GraphModule) -> list[NormBatch]:
 def require_parameter_placeholders(gm: torch.fx.GraphModule, this_pass: str) -> None:
     """A matcher's ``requires``: the request names parameter placeholders of this graph."""
     placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
-    unknown = set(request_of(gm, this_pass).params) - placeholders
+    roles = request_of(gm, this_pass).params
+    named = set(roles)
+    for role in roles.values():
+        if role.segments is not None:
+            named |= {role.segments.chunk_segment, role.segments.chunk_valid}
+    unknown = named - placeholders
     if unknown:
         raise PatternMismatch(None, "parameter map", f"no placeholders named {sorted(unknown)}")
 

@@ -4,9 +4,11 @@ Pattern: the batches of ``insert_lars_norms`` (squared-norm vectors of ``w`` and
 Rewrite: per batch ``coeff = f(sqrt(w_sq), sqrt(g_sq), **kwargs)`` with the function and arguments the
 request names (``LayerwiseRequest.trust_ratio_call``): for LARS ``lars_fx.functional.trust_ratio`` with the
 options, SGD's own weight decay (matched from its ``add(g, w, alpha=weight_decay)``) and, with ``use_clip``,
-SGD's lr (a graph input when it is a tensor); then one ``coeff[k]`` per parameter, ``update.coefficient``.
+SGD's lr (a graph input when it is a tensor); then one ``coeff[k]`` per parameter, ``update.coefficient``;
+for a flat buffer (a batch with ``segments``) ``per_chunk(coeff, segments)``, each chunk's segment's
+coefficient as ``[chunks, 1]``, which broadcasts over the buffer's ``[chunks, chunk_size]`` in the update.
 With ``telemetry`` the batch's ``(||w||, ||g||, coeff)`` are appended to the graph's outputs, listed in
-``output.meta["lars_fx.telemetry"]``.
+``output.meta["lars_fx.telemetry"]`` with the batch's parameters' (or segments') indices in their group.
 Preconditions (``requires``): ``insert_lars_norms`` ran (and ``reduce_sharded_norms`` when the request names
 process groups); all updates of a batch share lr and weight decay.
 """
@@ -19,6 +21,9 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from lars_fx.functional.flat import per_chunk
+
+from .fx_norms import segments_of
 from .fx_spec import TELEMETRY, PatternMismatch, batches_of, request_of, require_on_updates
 
 __all__ = ["InsertTrustRatio"]
@@ -62,11 +67,15 @@ class InsertTrustRatio(PassBase):
                 g_norm = graph.call_function(torch.sqrt, (g_sq_norm,))
                 function, kwargs = request.trust_ratio_call(first)
                 coeff = graph.call_function(function, (w_norm, g_norm), kwargs)
-                for k, update in enumerate(batch.updates):
-                    update.coefficient = graph.call_function(operator.getitem, (coeff, k))
+                if batch.segments is not None:
+                    (update,) = batch.updates
+                    update.coefficient = graph.call_function(per_chunk, (coeff, segments_of(graph, batch)))
+                else:
+                    for k, update in enumerate(batch.updates):
+                        update.coefficient = graph.call_function(operator.getitem, (coeff, k))
             if request.telemetry:
                 telemetry_nodes += [w_norm, g_norm, coeff]
-                telemetry_batches.append((batch.group_index, [u.role.index_in_group for u in batch.updates]))
+                telemetry_batches.append((batch.group_index, batch.indices_in_group()))
         if telemetry_nodes:
             output = next(n for n in graph.nodes if n.op == "output")
             existing = output.args[0] if output.args[0] is not None else ()

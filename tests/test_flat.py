@@ -1052,3 +1052,20 @@ def test_lars_sgd_flat_computes_its_own_norms_as_the_reference(sgd):
                 close(buffer.view(-1)[offset : offset + numel], reference_buffers[k],
                       f"step {step}, momentum of segment {k}", rtol=1e-12, atol=1e-14)
         assert norms is not None and norms.trust_ratio.shape == (4,)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_backward_through_weights_saved_before_the_step_is_refused_as_without_flat(fused):
+    """The flat step writes the buffers, not the parameters: it bumps the parameters' version counters itself,
+    so autograd still refuses a backward that would read weights the step has changed since the forward."""
+    lin = nn.Linear(3, 3, bias=False)
+    opt = lars_fx.LARS(torch.optim.SGD(lin.named_parameters(), lr=0.1, momentum=0.9), flat=True, fused=fused)
+    x = torch.randn(2, 3, requires_grad=True)
+    for _ in range(3):  # past the eager first step, to the compiled graph when fused
+        opt.zero_grad()
+        lin(x).sum().backward()
+        opt.step()
+    saved = (lin(x) ** 2).sum()  # saves the weight for x's gradient
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
