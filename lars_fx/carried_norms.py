@@ -16,10 +16,10 @@ __all__ = ["CarriedNorms"]
 class CarriedNorms:
     """``||w||^2`` per batch of a graph rewritten with ``carry_weight_norms``.
 
-    ``batches``: per carried input, the positions of its weights among the graph's other inputs, the
-    compute dtype, and for a flat buffer (``LARS(flat=True, fused=True)``) the positions of its
-    ``chunk_segment`` and ``chunk_valid`` inputs and its segment count (its fresh norms are then
-    ``segment_squared_norms``, one per segment). A run's outputs are reused by the next run only while
+    ``batches``: per carried input, the positions of its weights among the graph's other inputs, the compute
+    dtype, and for a flat buffer (``LARS(flat=True, fused=True)``) the positions of its ``Segments.chunks``
+    and ``Segments.ranges`` inputs, its segment count and its most chunks per segment (its fresh norms are
+    then ``segment_squared_norms``, one per segment). A run's outputs are reused by the next run only while
     every weight still has the version counter and data pointer that run left it with: a write by anything
     else (another graph, the eager step, ``load_state_dict``, an in-place edit) bumps the version and the
     norms are recomputed. Writes that bypass the version counter (``p.data``) are not seen, nor writes into
@@ -27,7 +27,9 @@ class CarriedNorms:
     over them.
     """
 
-    def __init__(self, batches: list[tuple[list[int], torch.dtype, tuple[int, int, int] | None]]) -> None:
+    def __init__(
+        self, batches: list[tuple[list[int], torch.dtype, tuple[int, int, int, int] | None]]
+    ) -> None:
         self.batches = batches
         self._norms: list[Tensor] | None = None
         self._left_at: tuple | None = None
@@ -45,9 +47,10 @@ class CarriedNorms:
                 [position[u.param.name] for u in b.updates],
                 b.compute_dtype,
                 None if b.segments is None else (
-                    position[b.segments.chunk_segment],
-                    position[b.segments.chunk_valid],
+                    position[b.segments.chunks],
+                    position[b.segments.ranges],
                     b.segments.num_segments,
+                    b.segments.max_chunks,
                 ),
             )
             for b in batches
@@ -65,7 +68,7 @@ class CarriedNorms:
                 squared_norms([inputs[i] for i in positions], dtype) if segments is None
                 else segment_squared_norms(
                     inputs[positions[0]],
-                    Segments(inputs[segments[0]], inputs[segments[1]], segments[2]),
+                    Segments(inputs[segments[0]], inputs[segments[1]], segments[2], segments[3]),
                     dtype,
                 )
                 for positions, dtype, segments in self.batches

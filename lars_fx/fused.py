@@ -28,8 +28,8 @@ of the same graph while nothing else has written the weights, and recomputes the
 ``LARS(flat=True, fused=True)`` (``FusedStep.flat``) captures the same SGD over the flat buffers of
 ``lars_fx.flat_layout``: per group, each bucket's weights, gradients and momentum buffer are one "parameter"
 of SGD (its update is element-wise, so SGD over a buffer is SGD over its segments), and each LARS bucket's
-``chunk_segment`` and ``chunk_valid`` follow as inputs SGD does not read. The request marks each LARS bucket a
-segmented buffer (``fx_spec.FlatSegments``): the norm pass reduces one squared norm per segment
+``Segments.chunks`` and ``Segments.ranges`` follow as inputs SGD does not read. The request marks each LARS
+bucket a segmented buffer (``fx_spec.FlatSegments``): the norm pass reduces one squared norm per segment
 (``segment_squared_norms``), the trust-ratio pass broadcasts each segment's coefficient over its chunks
 (``per_chunk``), the other passes are unchanged. The graph has the same nodes whatever the number of
 parameters; its key is built per bucket (its buffers' layouts, the filter's side, its segments' indices in
@@ -247,7 +247,7 @@ class _FlatGroup:
 class _FlatPlan:
     """A ``flat=True`` step as one graph: per group ``[lr, momentum, weights, grads, momentum buffers]`` of
     its buckets (each bucket buffer one "parameter" of SGD, whose update is element-wise), then per LARS
-    bucket its ``chunk_segment`` and ``chunk_valid`` (read by the passes, not by SGD)."""
+    bucket its ``Segments.chunks`` and ``Segments.ranges`` (read by the passes, not by SGD)."""
 
     groups: list[_FlatGroup]
     lars_options: dict[str, Any]
@@ -268,7 +268,7 @@ class _FlatPlan:
                            for b in group.buckets]
         for bucket in self.segmented():
             assert bucket.segments is not None
-            inputs += [bucket.segments.chunk_segment, bucket.segments.chunk_valid]
+            inputs += [bucket.segments.chunks, bucket.segments.ranges]
         return inputs
 
     def step_function(self) -> Callable[..., None]:
@@ -325,9 +325,11 @@ def _flat_request(plan: _FlatPlan, gm: torch.fx.GraphModule) -> LarsRequest:
         for k, bucket in enumerate(group.buckets):
             segments = None
             if bucket.segments is not None:
-                chunk_segment, chunk_valid = next(segment_names), next(segment_names)
+                chunks, ranges = next(segment_names), next(segment_names)
                 count = bucket.segments.num_segments
-                segments = FlatSegments(chunk_segment, chunk_valid, count, tuple(bucket.indices))
+                segments = FlatSegments(
+                    chunks, ranges, count, bucket.segments.max_chunks, tuple(bucket.indices)
+                )
             params[names[offset + 2 + k]] = ParamRole(
                 group.group_index, bucket.indices[0], bucket.use_lars, segments
             )

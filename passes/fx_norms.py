@@ -12,10 +12,10 @@ emits the whole step as one kernel anyway, and a tensor's update then runs right
 reductions and re-reads ``w`` and ``g`` from cache (measured on ResNet-50's shapes, 2 cores: 16.2 ms
 against 18.6 ms per step with one batch per group). On GPUs one batch per group keeps the kernels few.
 A flat buffer of many parameters (a role with ``segments``, ``LARS(flat=True, fused=True)``) is a batch of its
-own whose norms are one per segment: ``segment_squared_norms(x, Segments(chunk_segment, chunk_valid, count),
-dtype)`` (``lars_fx.functional.flat``), one masked reduction over the buffer's chunks whatever the number of
-segments. ``squared_norm_node`` inserts a batch's squared norms of given tensors, either way (the carry pass
-uses it for the written weights).
+own whose norms are one per segment: ``segment_squared_norms(x, Segments(chunks, ranges, count, max_chunks),
+dtype)`` (``lars_fx.functional.flat``), a masked reduction over the buffer's chunks and a gather-sum per
+segment, whatever the number of segments. ``squared_norm_node`` inserts a batch's squared norms of given
+tensors, either way (the carry pass uses it for the written weights).
 Each update's ``batch`` is set to its ``NormBatch``, which holds the two nodes.
 Preconditions (``requires``): a matcher ran; placeholders carry ``meta["val"]`` (``make_fx`` sets it).
 """
@@ -46,9 +46,8 @@ def segments_of(graph: torch.fx.Graph, batch: NormBatch) -> Segments:
     segments = batch.segments
     assert segments is not None
     placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
-    return Segments(
-        placeholders[segments.chunk_segment], placeholders[segments.chunk_valid], segments.num_segments
-    )
+    chunks, ranges = placeholders[segments.chunks], placeholders[segments.ranges]
+    return Segments(chunks, ranges, segments.num_segments, segments.max_chunks)
 
 
 def squared_norm_node(graph: torch.fx.Graph, batch: NormBatch, tensors: list[torch.fx.Node]) -> torch.fx.Node:

@@ -50,12 +50,13 @@ Hyperparameter = float | torch.fx.Node
 @dataclass(frozen=True)
 class FlatSegments:
     """The segments of a flat buffer placeholder (``lars_fx.functional.flat``: each segment one optimizer
-    parameter): the placeholders holding its ``chunk_segment`` and ``chunk_valid`` tensors, how many segments
-    there are, and each segment's index in its param group."""
+    parameter): the placeholders holding its ``Segments.chunks`` and ``Segments.ranges`` tensors, how many
+    segments there are and the most chunks one has, and each segment's index in its param group."""
 
-    chunk_segment: str
-    chunk_valid: str
+    chunks: str
+    ranges: str
     num_segments: int
+    max_chunks: int
     indices: tuple[int, ...]
 
 
@@ -242,7 +243,7 @@ def require_parameter_placeholders(gm: torch.fx.GraphModule, this_pass: str) -> 
     named = set(roles)
     for role in roles.values():
         if role.segments is not None:
-            named |= {role.segments.chunk_segment, role.segments.chunk_valid}
+            named |= {role.segments.chunks, role.segments.ranges}
     unknown = named - placeholders
     if unknown:
         raise PatternMismatch(None, "parameter map", f"no placeholders named {sorted(unknown)}")

@@ -6,7 +6,7 @@ as data). ``Segments`` says which segment each chunk belongs to and how many of 
 it:
 
 - ``segment_squared_norms``: every segment's ``sum(x**2)`` as one vector, from one masked reduction over the
-  chunks and a sum of chunk sums per segment (graph-friendly: Inductor makes it one reduction loop);
+  chunks and a sum of chunk sums per segment (graph-friendly: two reduction loops under Inductor);
 - ``per_chunk``: a per-segment vector (trust ratios) broadcast to the chunks, ``[chunks, 1]``;
 - ``lars_sgd_flat``: the LARS-over-SGD step of one bucket, in place (the eager ``flat=True`` step).
 
@@ -41,13 +41,14 @@ Number = float | Tensor
 
 
 class Segments(NamedTuple):
-    """Which segment each chunk of a ``[chunks, chunk_size]`` buffer belongs to (``chunk_segment``, int64),
-    how many of its elements are data (``chunk_valid``, int64, the rest is padding), and how many segments
-    there are (``num_segments``)."""
+    """The segments of a ``[chunks, chunk_size]`` buffer. ``chunks`` (int64, ``[2, chunks]``): each chunk's
+    segment, and how many of its elements are data (the rest is padding). ``ranges`` (int64,
+    ``[2, num_segments]``): each segment's first chunk and its number of chunks, at most ``max_chunks``."""
 
-    chunk_segment: Tensor
-    chunk_valid: Tensor
+    chunks: Tensor
+    ranges: Tensor
     num_segments: int
+    max_chunks: int
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,13 @@ class ChunkLayout:
         return self.chunks * self.chunk_size
 
     def segments(self, device: torch.device) -> Segments:
+        first = [offset // self.chunk_size for offset in self.offsets]
+        counts = [-(-numel // self.chunk_size) for numel in self.numels]
         return Segments(
-            torch.tensor(self.chunk_segment, dtype=torch.int64, device=device),
-            torch.tensor(self.chunk_valid, dtype=torch.int64, device=device),
+            torch.tensor([self.chunk_segment, self.chunk_valid], dtype=torch.int64, device=device),
+            torch.tensor([first, counts], dtype=torch.int64, device=device),
             len(self.numels),
+            max(counts),
         )
 
 
@@ -102,13 +106,18 @@ def chunk_layout(numels: list[int], chunk_size: int | None = None) -> ChunkLayou
 
 def segment_squared_norms(x: Tensor, segments: Segments, dtype: torch.dtype) -> Tensor:
     """``[sum(segment**2) for segment in x]`` in ``dtype``, padding excluded, for ``x`` of
-    ``[chunks, chunk_size]``."""
+    ``[chunks, chunk_size]``: each chunk's sum (one masked reduction over the buffer), then each segment's sum
+    of its chunks' (a gather of ``num_segments x max_chunks``). A gather, not ``index_add``: Inductor makes it
+    one more reduction loop instead of a fill and a scatter, and it adds in a fixed order on GPUs too (no
+    atomics)."""
     columns = torch.arange(x.shape[1], device=x.device)
-    data = columns.unsqueeze(0) < segments.chunk_valid.unsqueeze(1)
+    data = columns.unsqueeze(0) < segments.chunks[1].unsqueeze(1)
     squares = torch.where(data, torch.square(x.to(dtype)), torch.zeros((), dtype=dtype, device=x.device))
     chunk_sums = squares.sum(dim=1)
-    totals = torch.zeros(segments.num_segments, dtype=dtype, device=x.device)
-    return totals.index_add(0, segments.chunk_segment, chunk_sums)
+    steps = torch.arange(segments.max_chunks, device=x.device).unsqueeze(0)
+    first, count = segments.ranges[0].unsqueeze(1), segments.ranges[1].unsqueeze(1)
+    picked = chunk_sums[(first + steps).clamp(max=x.shape[0] - 1)]
+    return torch.where(steps < count, picked, torch.zeros((), dtype=dtype, device=x.device)).sum(dim=1)
 
 
 def segment_norms(views: list[Tensor]) -> Tensor:
@@ -119,7 +128,7 @@ def segment_norms(views: list[Tensor]) -> Tensor:
 def per_chunk(values: Tensor, segments: Segments) -> Tensor:
     """A per-segment vector as ``[chunks, 1]``: each chunk's segment's value, to broadcast over its
     elements."""
-    return values.index_select(0, segments.chunk_segment).unsqueeze(1)
+    return values.index_select(0, segments.chunks[0]).unsqueeze(1)
 
 
 def lars_sgd_flat(
