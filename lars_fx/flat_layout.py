@@ -67,7 +67,10 @@ class FlatBucket:
     momentum_views: list[Tensor] = field(default_factory=list)
     weight_pointers: list[int] = field(default_factory=list)
     attached: list[bool] = field(default_factory=list)  # .grad was given its view (copies after count)
-    versions: tuple[int, ...] = ()  # the parameters' version counters after the bucket's last whole step
+    # the sum of the parameters' version counters (each only grows) after the bucket's last whole step, and
+    # before the current one
+    version_sum: int = -1
+    versions_now: int = -1
 
     def view(self, buffer: Tensor, k: int) -> Tensor:
         offset, numel = self.layout.offsets[k], self.layout.numels[k]
@@ -102,6 +105,8 @@ class FlatGather:
 
 
 _VERSION = operator.attrgetter("_version")
+_GRAD = operator.attrgetter("grad")
+_DATA_PTR = Tensor.data_ptr
 _LIBRARIES = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
@@ -204,11 +209,7 @@ class FlatLayout:
 
     def moved(self) -> bool:
         """Whether a parameter's data is no longer its view (``model.to(...)``, ``p.data = ...``)."""
-        return any(
-            p.data_ptr() != pointer
-            for bucket in self.buckets
-            for p, pointer in zip(bucket.params, bucket.weight_pointers, strict=True)
-        )
+        return any(list(map(_DATA_PTR, bucket.params)) != bucket.weight_pointers for bucket in self.buckets)
 
     def zero_grad(self) -> None:
         """Zero every flat gradient buffer in place and give each parameter whose gradient is not its view
@@ -241,6 +242,8 @@ class FlatLayout:
 
     def _gradients_in_place(self, bucket: FlatBucket, group: dict[str, Any]) -> bool:
         """True when every parameter's gradient is (now) its view; False when one has none."""
+        if all(map(operator.is_, map(_GRAD, bucket.params), bucket.grad_views)):
+            return True  # the fast path, every step after the first: nothing to copy
         copied = None
         for k, (param, view) in enumerate(zip(bucket.params, bucket.grad_views, strict=True)):
             grad = param.grad
@@ -265,17 +268,16 @@ class FlatLayout:
         not), ``"new"`` (no parameter has one yet); None when only some have one (per tensor)."""
         if group["momentum"] == 0:
             return "none"
-        buffers = [state[p].get("momentum_buffer") if p in state else None for p in bucket.params]
+        buffers = [None if d is None else d.get("momentum_buffer") for d in map(state.get, bucket.params)]
+        if bucket.momentum is not None and all(map(operator.is_, buffers, bucket.momentum_views)):
+            return "flat"  # the fast path, every step after the first
         if all(b is None for b in buffers):
             return "new"
         if any(b is None for b in buffers):
             return None
-        if bucket.momentum is None or any(
-            b is not v for b, v in zip(buffers, bucket.momentum_views, strict=True)
-        ):
-            bucket.adopt_momentum(buffers)  # type: ignore[arg-type]
-            for param, view in zip(bucket.params, bucket.momentum_views, strict=True):
-                state[param]["momentum_buffer"] = view
+        bucket.adopt_momentum(buffers)  # type: ignore[arg-type]
+        for param, view in zip(bucket.params, bucket.momentum_views, strict=True):
+            state[param]["momentum_buffer"] = view
         return "flat"
 
     @staticmethod
@@ -285,16 +287,18 @@ class FlatLayout:
         re-pointed with ``p.data = view`` keeps a version counter of its own, and the carried norms of a
         fused step watch the buffer's."""
         for bucket, _ in flat.buckets:
-            if tuple(map(_VERSION, bucket.params)) != bucket.versions:
+            bucket.versions_now = sum(map(_VERSION, bucket.params))
+            if bucket.versions_now != bucket.version_sum:
                 torch.autograd.graph.increment_version(bucket.weights)
 
     @staticmethod
     def stepped(flat: FlatGather) -> None:
-        """After a step wrote the buckets' buffers: bump their parameters' versions, as an in-place update of
-        each would (autograd then refuses a backward through weights saved before the step), and keep them."""
+        """After a step wrote the buckets' buffers (``notice_writes`` ran before it): bump their parameters'
+        versions, as an in-place update of each would (autograd then refuses a backward through weights saved
+        before the step), and keep their sum."""
         for bucket, _ in flat.buckets:
             torch.autograd.graph.increment_version(bucket.params)
-            bucket.versions = tuple(map(_VERSION, bucket.params))
+            bucket.version_sum = bucket.versions_now + len(bucket.params)
 
     def keep_new_momentum(self, bucket: FlatBucket, buffer: Tensor, state: Any) -> None:
         """After a ``"new"`` step: ``buffer`` is the bucket's momentum; its views become the state's."""
