@@ -67,6 +67,12 @@ class ReduceShardedNorms(PassBase):
         )
         if any(batch.updates[0].coefficient is not None for batch in batches_of(gm)):
             raise PatternMismatch(None, "norm batch", f"{self.name} must run before insert_trust_ratio")
+        if any(batch.segments is not None for batch in batches_of(gm)):
+            raise PatternMismatch(
+                None, "sharded norms",
+                "a flat buffer's segments are not sharded parameters (flat=True refuses DTensors): this pass "
+                "counts one norm per update",
+            )
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         request = request_of(gm, self.name)
