@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py --model resnet50 --device cpu --iters 15 --threads 1
     python benchmarks/bench_step.py --model vitl --device cuda --iters 100
+    python benchmarks/bench_step.py --model resnet50 --reduced        # the machinery in seconds, no figure
 
 Needs lars-fx installed (``pip install -e . --no-deps`` from the repository root). The markdown
 (date, machine, copy bandwidth, one row per peer) goes to ``--out``, by default
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lars_fx.bench import MODELS, PEERS, format_markdown, run_benchmark
+from lars_fx.bench import MODELS, PEERS, format_markdown, reduced, run_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warm-compile", action="store_true", help="keep Inductor's caches (compile times shrink)"
     )
+    parser.add_argument(
+        "--reduced", action="store_true", help="the first 8 tensors at 64 elements: a check, not a figure"
+    )
     parser.add_argument("--note", action="append", default=[], help="a line added to the header (repeatable)")
     parser.add_argument(
         "--out", type=Path, help="markdown file (default: benchmarks/results/step_<model>_<device>.md)"
@@ -62,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         iters=args.iters,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
         cold_compile=not args.warm_compile,
+        shapes=reduced(MODELS[args.model]()) if args.reduced else None,
     )
-    table = format_markdown(report, args.note)
-    out = args.out or RESULTS / f"step_{args.model}_{args.device}.md"
+    notes = [*args.note, *(["--reduced: the model's first 8 tensors at 64 elements"] if args.reduced else [])]
+    table = format_markdown(report, notes)
+    suffix = "_reduced" if args.reduced else ""
+    out = args.out or RESULTS / f"step_{args.model}_{args.device}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     print(table)

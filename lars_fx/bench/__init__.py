@@ -13,17 +13,24 @@ bytes read plus bytes written).
 On CUDA each timed step is bracketed by events (no host sync inside the timed loop); on the CPU by
 the host clock. ``run_benchmark`` never raises for one peer's failure: the row keeps the error as
 its note.
+
+``figures``: issue 11's figures (compile, host time, steady step, eager flat, kernels per step), each a ratio
+to ``torch.compile(SGD.step)`` in the same run, from one run per shape list.
 """
 
+from .figures import FIGURE_SETS, FigureRow, FigureSet, figure_rows, format_figures, run_figure_set
 from .peers import PEERS, TimmLars, available_peers
 from .run import BenchReport, BenchRow, format_markdown, run_benchmark
-from .shapes import MODELS, ParamShape, resnet50_shapes, vit_l16_shapes
+from .shapes import MODELS, ParamShape, reduced, resnet50_shapes, shrunk, small_shapes, vit_l16_shapes
 
 __all__ = [
     "ParamShape",
     "MODELS",
     "resnet50_shapes",
     "vit_l16_shapes",
+    "small_shapes",
+    "shrunk",
+    "reduced",
     "TimmLars",
     "PEERS",
     "BenchRow",
@@ -31,4 +38,10 @@ __all__ = [
     "available_peers",
     "run_benchmark",
     "format_markdown",
+    "FigureSet",
+    "FigureRow",
+    "FIGURE_SETS",
+    "run_figure_set",
+    "figure_rows",
+    "format_figures",
 ]

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import SGD, Optimizer
 from torch.optim.optimizer import ParamsT
 
+from ..backend import LarsBackend
 from ..optimizer import LARS, ParamInfo, default_lars_filter
 
 LR = 0.1
@@ -126,16 +127,29 @@ def _sgd(named: NamedParams, **options) -> SGD:
 
 
 def _fused_lars(named: NamedParams, **options) -> Step:
-    """``LARS(fused=True).step``, failing the row if the fused path fell back to the eager step."""
+    """``LARS(fused=True).step``, failing the row if the fused path fell back to the eager step, or compiled
+    nothing by its second step (the first makes the momentum buffers eagerly): the row would time eager LARS
+    under the fused step's name."""
     lars = LARS(_sgd(named), fused=True, **options)
+    steps = 0
 
     def step() -> None:
+        nonlocal steps
         lars.step()
-        fallback = getattr(lars.fused_step, "fallback", None)
-        if fallback:
-            raise RuntimeError(f"fused step fell back to eager LARS: {fallback}")
+        steps += 1
+        fused = lars.fused_step
+        assert fused is not None  # fused=True
+        if fused.fallback:
+            raise RuntimeError(f"fused step fell back to eager LARS: {fused.fallback}")
+        if steps >= 2 and fused.compile_count == 0:
+            raise RuntimeError("fused step compiled no graph by its second step: it runs eager LARS")
 
     return step
+
+
+def _backend_lars(sgd: SGD) -> Step:
+    """SGD's step compiled into LARS by the backend (the object: needs no installed entry point)."""
+    return torch.compile(sgd.step, backend=LarsBackend(sgd))
 
 
 def _in_one_cuda_graph(step: Step) -> Step:
@@ -189,11 +203,25 @@ PEERS: dict[str, Peer] = {
             lambda n: _in_one_cuda_graph(LARS(_sgd(n)).step),
             cuda_only=True,
         ),
+        Peer("lars_flat", "LARS(flat=True), eager", lambda n: LARS(_sgd(n), flat=True).step),
+        Peer(
+            "lars_flat_cudagraph",
+            "LARS(flat=True) in one CUDA graph",
+            lambda n: _in_one_cuda_graph(LARS(_sgd(n), flat=True).step),
+            cuda_only=True,
+        ),
         Peer("lars_fused", "LARS(fused=True)", _fused_lars, True),
         Peer(
             "lars_fused_no_carry",
             "LARS(fused=True, carry_weight_norms=False)",
             lambda n: _fused_lars(n, carry_weight_norms=False),
+            True,
+        ),
+        Peer("lars_flat_fused", "LARS(flat=True, fused=True)", lambda n: _fused_lars(n, flat=True), True),
+        Peer(
+            "lars_backend",
+            'torch.compile(SGD.step, backend="lars_fx")',
+            lambda n: _backend_lars(_sgd(n)),
             True,
         ),
         Peer("sgd_compiled", "torch.compile(SGD.step), no LARS", lambda n: torch.compile(_sgd(n).step), True),

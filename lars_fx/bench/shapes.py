@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -68,4 +69,31 @@ def _linear(prefix: str, fan_in: int, fan_out: int) -> list[ParamShape]:
     return [ParamShape(f"{prefix}.weight", (fan_out, fan_in)), ParamShape(f"{prefix}.bias", (fan_out,))]
 
 
-MODELS: dict[str, Callable[[], list[ParamShape]]] = {"resnet50": resnet50_shapes, "vitl": vit_l16_shapes}
+def small_shapes(count: int, numel: int = 64) -> list[ParamShape]:
+    """``count`` tensors of ``numel`` elements, weights and biases in turn (``layer3.weight``,
+    ``layer3.bias``): the many-small-tensors case, where per-tensor costs (compile, host time, kernels)
+    dominate."""
+    return [
+        ParamShape(f"layer{i // 2}.{'weight' if i % 2 == 0 else 'bias'}", (numel,)) for i in range(count)
+    ]
+
+
+def shrunk(shapes: list[ParamShape], numel: int) -> list[ParamShape]:
+    """The same names, each tensor cut to at most ``numel`` elements (1-d): a step that costs host time
+    only."""
+    return [ParamShape(name, (min(numel, math.prod(shape)),)) for name, shape in shapes]
+
+
+def reduced(shapes: list[ParamShape], count: int = 8, numel: int = 64) -> list[ParamShape]:
+    """The first ``count`` tensors, cut to ``numel`` elements: a run of the benchmark's machinery in seconds,
+    not a figure."""
+    return shrunk(shapes[:count], numel)
+
+
+MODELS: dict[str, Callable[[], list[ParamShape]]] = {
+    "resnet50": resnet50_shapes,
+    "vitl": vit_l16_shapes,
+    "resnet50_tiny": lambda: shrunk(resnet50_shapes(), 4),  # ResNet-50's 161 tensors, 4 elements each
+    "small_1000": lambda: small_shapes(1_000),
+    "small_10000": lambda: small_shapes(10_000),
+}
