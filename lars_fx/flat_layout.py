@@ -71,6 +71,22 @@ class FlatBucket:
     # before the current one
     version_sum: int = -1
     versions_now: int = -1
+    momentum_version: int = -1  # the momentum buffer's version counter after the last step
+
+    def padding(self, buffer: Tensor) -> list[Tensor]:
+        """The padding after each segment of ``buffer`` (empty where a segment fills its last chunk)."""
+        flat, ends = buffer.view(-1), [*self.layout.offsets[1:], self.layout.size]
+        return [
+            flat[offset + numel : end]
+            for offset, numel, end in zip(self.layout.offsets, self.layout.numels, ends, strict=True)
+            if offset + numel < end
+        ]
+
+    def zero_padding(self) -> None:
+        """Zero the weights' and momentum's padding (only a non-finite trust ratio writes there)."""
+        pads = self.padding(self.weights) + (self.padding(self.momentum) if self.momentum is not None else [])
+        if pads:
+            torch._foreach_zero_(pads)
 
     def view(self, buffer: Tensor, k: int) -> Tensor:
         offset, numel = self.layout.offsets[k], self.layout.numels[k]
@@ -282,13 +298,19 @@ class FlatLayout:
 
     @staticmethod
     def notice_writes(flat: FlatGather) -> None:
-        """Before a step: bump the weight buffer's version of a bucket whose parameters were written through
-        their views since its last step (``p.copy_``, ``load_state_dict``, a per-tensor step): a parameter
-        re-pointed with ``p.data = view`` keeps a version counter of its own, and the carried norms of a
-        fused step watch the buffer's."""
+        """Before a step, for each bucket whose parameters or momentum buffers were written since its last
+        step (``p.copy_``, ``load_state_dict``, a per-tensor step, an edit of ``opt.state``): bump the weight
+        buffer's version (a parameter re-pointed with ``p.data = view`` keeps a version counter of its own,
+        and the carried norms of a fused step watch the buffer's), and zero the padding. The padding holds
+        zeros (the norms sum whole chunks) unless a step with a non-finite trust ratio wrote NaN there, which
+        only happens to a segment that is NaN itself; zeroing it once someone writes the segments again lets
+        the segment recover as it would without ``flat``."""
         for bucket, _ in flat.buckets:
             bucket.versions_now = sum(map(_VERSION, bucket.params))
-            if bucket.versions_now != bucket.version_sum:
+            momentum = bucket.momentum
+            momentum_written = momentum is not None and momentum._version != bucket.momentum_version
+            if bucket.versions_now != bucket.version_sum or momentum_written:
+                bucket.zero_padding()
                 torch.autograd.graph.increment_version(bucket.weights)
 
     @staticmethod
@@ -299,6 +321,8 @@ class FlatLayout:
         for bucket, _ in flat.buckets:
             torch.autograd.graph.increment_version(bucket.params)
             bucket.version_sum = bucket.versions_now + len(bucket.params)
+            if bucket.momentum is not None:
+                bucket.momentum_version = bucket.momentum._version
 
     def keep_new_momentum(self, bucket: FlatBucket, buffer: Tensor, state: Any) -> None:
         """After a ``"new"`` step: ``buffer`` is the bucket's momentum; its views become the state's."""

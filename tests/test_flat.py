@@ -994,7 +994,7 @@ def test_chunk_layout_places_every_segment_on_chunk_boundaries(numels, chunk_siz
     assert len(layout.chunk_segment) == sum(-(-n // size) for n in numels)
 
 
-def segmented(numels: list[int], chunk_size: int, dtype: torch.dtype, seed: int, padding: float = math.nan):
+def segmented(numels: list[int], chunk_size: int, dtype: torch.dtype, seed: int, padding: float = 0.0):
     """A ``[chunks, chunk_size]`` buffer with random segments and ``padding`` elsewhere, and the segments."""
     layout = chunk_layout(numels, chunk_size)
     gen = torch.Generator().manual_seed(seed)
@@ -1007,7 +1007,7 @@ def segmented(numels: list[int], chunk_size: int, dtype: torch.dtype, seed: int,
 
 @pytest.mark.parametrize("dtype, norm_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                                (torch.bfloat16, torch.float32)])
-def test_segment_squared_norms_exclude_padding_even_nan(dtype, norm_dtype):
+def test_segment_squared_norms_of_zero_padded_segments(dtype, norm_dtype):
     layout, buffer, segments = segmented([5, 16, 1, 33], chunk_size=8, dtype=dtype, seed=1)
     got = segment_squared_norms(buffer, layout.segments(buffer.device), norm_dtype)
     assert got.dtype == norm_dtype and got.shape == (4,)
@@ -1033,8 +1033,8 @@ FLAT_FUNCTION_SGD = {
 
 @pytest.mark.parametrize("sgd", FLAT_FUNCTION_SGD.values(), ids=FLAT_FUNCTION_SGD.keys())
 def test_lars_sgd_flat_computes_its_own_norms_as_the_reference(sgd):
-    """``lars_sgd_flat`` with ``norms=None`` (its masked segmented reduction; NaN in the padding of weights
-    and gradients) against ``lars_sgd_reference`` per segment, over several steps, in float64."""
+    """``lars_sgd_flat`` with ``norms=None`` (its segmented reduction over zero padding) against
+    ``lars_sgd_reference`` per segment, over several steps, in float64."""
     numels = [5, 16, 1, 33]
     layout, weights, segments = segmented(numels, chunk_size=8, dtype=torch.float64, seed=2)
     reference = [s.clone() for s in segments]
@@ -1069,3 +1069,38 @@ def test_backward_through_weights_saved_before_the_step_is_refused_as_without_fl
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_a_segment_made_nan_recovers_when_its_weights_and_momentum_are_written_again(fused):
+    """An inf gradient makes a layer's trust ratio NaN, which the step also writes into that segment's
+    padding; once the user writes the layer's weights and momentum again, the padding is zeroed and the layer
+    steps as without flat (the norms sum whole chunks, padding included)."""
+    def build(flat: bool) -> tuple[nn.Module, lars_fx.LARS]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3)).double()
+        sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        return model, lars_fx.LARS(sgd, coefficient=0.05, flat=flat, fused=flat and fused)
+
+    runs = [build(False), build(True)]
+    good = [p.detach().clone() for p in runs[0][0].parameters()]
+    for step in range(8):
+        gen = torch.Generator().manual_seed(step)
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in good]
+        if step == 3:
+            grads[0][0, 0] = math.inf  # the first layer's weight: its trust ratio is NaN this step
+        for model, opt in runs:
+            opt.zero_grad()
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            opt.step()
+            if step == 4:  # the user restores the broken layer and its momentum
+                weight = model[0].weight
+                assert weight.isnan().any()
+                with torch.no_grad():
+                    weight.copy_(good[0])
+                opt.state[weight]["momentum_buffer"].zero_()
+        if step >= 5:
+            for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters(), strict=True):
+                assert not b.isnan().any(), f"step {step}: the flat layer did not recover"
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)

@@ -1,12 +1,12 @@
 """LARS over a flat layout: many tensors as segments of one buffer, the step in a few whole-buffer operations.
 
 A bucket's buffer is viewed as ``[chunks, chunk_size]``; each segment (one parameter) starts at a chunk
-boundary and fills ``ceil(numel / chunk_size)`` chunks, the last one partly (the rest is padding, never read
-as data). ``Segments`` says which segment each chunk belongs to and how many of its elements are data; from
-it:
+boundary and fills ``ceil(numel / chunk_size)`` chunks, the last one partly; the rest of that chunk is
+padding, which holds zeros (``lars_fx.flat_layout`` keeps it so). ``Segments`` says which segment each chunk
+belongs to and how many of its elements are data; from it:
 
-- ``segment_squared_norms``: every segment's ``sum(x**2)`` as one vector, from one masked reduction over the
-  chunks and a sum of chunk sums per segment (graph-friendly: two reduction loops under Inductor);
+- ``segment_squared_norms``: every segment's ``sum(x**2)`` as one vector, from one reduction over the chunks
+  and a sum of chunk sums per segment (graph-friendly: two reduction loops under Inductor);
 - ``per_chunk``: a per-segment vector (trust ratios) broadcast to the chunks, ``[chunks, 1]``;
 - ``lars_sgd_flat``: the LARS-over-SGD step of one bucket, in place (the eager ``flat=True`` step).
 
@@ -105,15 +105,13 @@ def chunk_layout(numels: list[int], chunk_size: int | None = None) -> ChunkLayou
 
 
 def segment_squared_norms(x: Tensor, segments: Segments, dtype: torch.dtype) -> Tensor:
-    """``[sum(segment**2) for segment in x]`` in ``dtype``, padding excluded, for ``x`` of
-    ``[chunks, chunk_size]``: each chunk's sum (one masked reduction over the buffer), then each segment's sum
-    of its chunks' (a gather of ``num_segments x max_chunks``). A gather, not ``index_add``: Inductor makes it
-    one more reduction loop instead of a fill and a scatter, and it adds in a fixed order on GPUs too (no
-    atomics)."""
-    columns = torch.arange(x.shape[1], device=x.device)
-    data = columns.unsqueeze(0) < segments.chunks[1].unsqueeze(1)
-    squares = torch.where(data, torch.square(x.to(dtype)), torch.zeros((), dtype=dtype, device=x.device))
-    chunk_sums = squares.sum(dim=1)
+    """``[sum(segment**2) for segment in x]`` in ``dtype`` for ``x`` of ``[chunks, chunk_size]`` whose padding
+    holds zeros (``lars_fx.flat_layout`` keeps it so): each chunk's sum (one reduction over the buffer), then
+    each segment's sum of its chunks' (a gather of ``num_segments x max_chunks``). No mask on the elements:
+    Inductor's vectorized masks cost the CPU about as much as the reduction itself. A gather, not
+    ``index_add``: Inductor makes it one more reduction loop instead of a fill and a scatter, and it adds in a
+    fixed order on GPUs too (no atomics)."""
+    chunk_sums = torch.square(x.to(dtype)).sum(dim=1)
     steps = torch.arange(segments.max_chunks, device=x.device).unsqueeze(0)
     first, count = segments.ranges[0].unsqueeze(1), segments.ranges[1].unsqueeze(1)
     picked = chunk_sums[(first + steps).clamp(max=x.shape[0] - 1)]
