@@ -101,19 +101,18 @@ class _StepPlan:
     lars_options: dict[str, Any]  # what _request hands the passes; part of the key
     key: tuple
 
+    def devices(self) -> list[tuple[int, torch.device]]:
+        """Per group, the device of its lr and momentum inputs."""
+        return [
+            (group.group_index, group.params[0].device if group.params else torch.device("cpu"))
+            for group in self.groups
+        ]
+
     def inputs(self, hypers: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         flat: list[Tensor] = []
         for group, (lr, momentum) in zip(self.groups, hypers, strict=True):
             flat += [lr, momentum, *group.params, *group.grads, *group.buffers]
         return flat
-
-
-def _devices(plan: _StepPlan) -> list[tuple[int, torch.device]]:
-    """Per group, the device of its lr and momentum inputs."""
-    return [
-        (group.group_index, group.params[0].device if group.params else torch.device("cpu"))
-        for group in plan.groups
-    ]
 
 
 def _lars_options(opt: LARS) -> dict[str, Any]:
@@ -405,7 +404,7 @@ class FusedStep:
             refuse_parameters_without_data(opt.param_groups, opt.state, "LARS(fused=True)", _OR_EAGER)
         compiled = None
         if plan is not None and any(group.params for group in plan.groups):
-            inputs = plan.inputs(self._hyper_tensors(_devices(plan)))
+            inputs = plan.inputs(self._hyper_tensors(plan.devices()))
             request = functools.partial(_request, plan)
             compiled = self.cache.get(plan.key, _step_function(plan), inputs, request)
         if compiled is None or compiled.run is None:
@@ -487,7 +486,7 @@ def inspect_step(opt: LARS, *, compile: bool = True) -> InspectReport:
     refuse_parameters_without_data(opt.param_groups, opt.state, "LARS(fused=True)", _OR_EAGER)
     if not any(group.params for group in plan.groups):
         raise ValueError("inspect_step needs gradients: run a backward pass before inspecting the step")
-    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(_devices(plan)))
+    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan.devices()))
     request_for = functools.partial(_request, plan)
     return inspect_graph(LARS_SGD, _step_function(plan), inputs, request_for, tag="inspect", compile=compile)
 

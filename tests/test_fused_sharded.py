@@ -311,7 +311,7 @@ def test_graphs_without_sharded_parameters_are_untouched() -> None:
     nn.functional.mse_loss(model(batch(1)[0]), batch(1)[1]).backward()
     plan = _plan(opt, opt.gather())
     assert plan is not None and plan.lars_options["norm_process_groups"] == ()
-    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan))
+    inputs = plan.inputs(FusedStep(opt)._hyper_tensors(plan.devices()))
     texts = []
     for disabled in ((), ("reduce_sharded_norms",)):
         gm = canonicalize(_step_function(plan), inputs)
