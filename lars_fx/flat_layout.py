@@ -4,8 +4,9 @@ momentum buffers as segments of one contiguous buffer each.
 Parameters keep their identity: ``p.data`` becomes a view of its bucket's weight buffer, ``p.grad`` a view of
 the gradient buffer (autograd then accumulates into it), ``opt.state[p]["momentum_buffer"]`` a view of the
 momentum buffer, so modules, hooks, ``named_parameters()`` and ``state_dict()`` see what they saw before. Each
-buffer is ``[chunks, chunk_size]`` (``functional.flat.chunk_layout``: segments start on chunk boundaries); the
-step reads the buffers, not the views.
+buffer is ``[chunks, chunk_size]`` (``functional.flat.chunk_layout``: segments start on chunk boundaries, the
+rest of a segment's last chunk is padding, kept at zero because the fused step's norms sum whole chunks: see
+``notice_writes``); the step reads the buffers, not the views.
 
 Every step ``FlatLayout.gather`` checks, per parameter, that its data, gradient and momentum buffer are still
 its views. A gradient that is not (``model.zero_grad()`` set it to None and backward made a new one, a user
