@@ -517,9 +517,10 @@ def step_in_place(model: nn.Module, opt: torch.optim.Optimizer, seed: int, steps
         opt.step()
 
 
+@pytest.mark.parametrize("fused", [EAGER, FUSED])
 @pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
-def test_a_copy_steps_like_the_original(copier):
-    twin = Twin()
+def test_a_copy_steps_like_the_original(copier, fused):
+    twin = Twin(fused=fused)
     twin.run(range(3))
     original = (twin.model, twin.opt)
     model, opt = copy.deepcopy(original) if copier == "deepcopy" else pickle.loads(pickle.dumps(original))
@@ -600,19 +601,23 @@ def test_state_dict_round_trips_flat_non_flat_flat_sgd():
     assert_views(opt)
 
 
-def test_state_dict_resumes_a_flat_run_exactly():
-    twin = Twin(seed=4)
+@pytest.mark.parametrize("fused", [EAGER, FUSED])
+def test_state_dict_resumes_a_flat_run_exactly(fused):
+    twin = Twin(seed=4, fused=fused)
     twin.run(range(4))
     model = Net(seed=8)
     model.load_state_dict(twin.model.state_dict())
     opt = lars_fx.LARS(torch.optim.SGD(param_groups(model), lr=0.5, momentum=0.1), coefficient=COEFFICIENT,
-                       flat=True)
+                       flat=True, fused=fused)
     opt.load_state_dict(through_bytes(twin.opt.state_dict()))
     for step in range(4, STEPS):
-        twin.step(step)
+        twin.step(step)  # checked against the float64 reference
         step_in_place(model, opt, twin.seed, [step])
         for (name, p), q in zip(model.named_parameters(), twin.model.parameters(), strict=True):
-            assert torch.equal(p, q), f"step {step}, {name}"
+            if fused:  # the resumed graph sums its first ||w||^2 afresh, the twin carries it: rounding apart
+                close(p, q, f"step {step}, {name}", rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(p, q), f"step {step}, {name}"
     assert_views(opt)
 
 
