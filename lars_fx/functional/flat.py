@@ -3,7 +3,7 @@
 A bucket's buffer is viewed as ``[chunks, chunk_size]``; each segment (one parameter) starts at a chunk
 boundary and fills ``ceil(numel / chunk_size)`` chunks, the last one partly; the rest of that chunk is
 padding, which holds zeros (``lars_fx.flat_layout`` keeps it so). ``Segments`` says which segment each chunk
-belongs to and how many of its elements are data; from it:
+belongs to and which chunks each segment fills; from it:
 
 - ``segment_squared_norms``: every segment's ``sum(x**2)`` as one vector, from one reduction over the chunks
   and a sum of chunk sums per segment (graph-friendly: two reduction loops under Inductor);
@@ -41,9 +41,9 @@ Number = float | Tensor
 
 
 class Segments(NamedTuple):
-    """The segments of a ``[chunks, chunk_size]`` buffer. ``chunks`` (int64, ``[2, chunks]``): each chunk's
-    segment, and how many of its elements are data (the rest is padding). ``ranges`` (int64,
-    ``[2, num_segments]``): each segment's first chunk and its number of chunks, at most ``max_chunks``."""
+    """The segments of a ``[chunks, chunk_size]`` buffer. ``chunks`` (int64, ``[chunks]``): each chunk's
+    segment. ``ranges`` (int64, ``[2, num_segments]``): each segment's first chunk and its number of chunks,
+    at most ``max_chunks``."""
 
     chunks: Tensor
     ranges: Tensor
@@ -74,7 +74,7 @@ class ChunkLayout:
         first = [offset // self.chunk_size for offset in self.offsets]
         counts = [-(-numel // self.chunk_size) for numel in self.numels]
         return Segments(
-            torch.tensor([self.chunk_segment, self.chunk_valid], dtype=torch.int64, device=device),
+            torch.tensor(self.chunk_segment, dtype=torch.int64, device=device),
             torch.tensor([first, counts], dtype=torch.int64, device=device),
             len(self.numels),
             max(counts),
@@ -126,7 +126,7 @@ def segment_norms(views: list[Tensor]) -> Tensor:
 def per_chunk(values: Tensor, segments: Segments) -> Tensor:
     """A per-segment vector as ``[chunks, 1]``: each chunk's segment's value, to broadcast over its
     elements."""
-    return values.index_select(0, segments.chunks[0]).unsqueeze(1)
+    return values.index_select(0, segments.chunks).unsqueeze(1)
 
 
 def lars_sgd_flat(
