@@ -33,6 +33,7 @@ __all__ = [
     "compile_fx",
     "configured_post_grad_passes",
     "dynamo_is_tracing",
+    "export_forward_backward",
     "foreach_powsum",
     "fresh_fake_mode",
     "functional_all_reduce",
@@ -242,6 +243,18 @@ def is_fsdp1_flat_parameter(tensor: object) -> bool:
     """Whether ``tensor`` is a slice of an FSDP1 (``FullyShardedDataParallel``) flat parameter
     (2.13, 2.11: ``_fsdp_flattened``)."""
     return bool(getattr(tensor, "_fsdp_flattened", False))
+
+
+# -- torch.export ----------------------------------------------------------------------------------
+
+
+def export_forward_backward(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The joint forward-backward graph of an exported program whose first output is a loss: the loss, then
+    one gradient per trainable parameter, outputs of kind ``GRADIENT_TO_PARAMETER`` (2.13; the API
+    ExecuTorch's training uses, ``torch.export.experimental._export_forward_backward``, present since 2.6)."""
+    from torch.export.experimental import _export_forward_backward
+
+    return _export_forward_backward(program)
 
 
 # -- kernels ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from lars_fx.functional import LarsOptions, trust_ratio
 
 __all__ = [
     "FlatSegments", "ParamRole", "LayerwiseRequest", "LarsRequest", "LayerUpdate", "SgdUpdate", "NormBatch",
+    "JointParam", "JointStepRequest", "JointUpdate",
     "PatternMismatch", "Hyperparameter", "request_of", "updates_of", "batches_of", "telemetry_outputs",
     "carried_batches", "require_on_updates", "require_parameter_placeholders",
     "REQUEST", "UPDATE", "GRAD_WRITE", "TELEMETRY", "CARRIED_BATCH",
@@ -119,6 +120,35 @@ class LarsRequest(LayerwiseRequest):
         return trust_ratio, {"weight_decay": update.weight_decay, "lr": lr, **options}
 
 
+@dataclass(frozen=True)
+class JointParam:
+    """How a training program steps one parameter with ``torch.optim.SGD``'s rules: its group's weight decay
+    (LARS parameters only), momentum, dampening, nesterov and maximize, and its group's lr as a multiple of
+    the program's one lr input."""
+
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+    lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class JointStepRequest(LarsRequest):
+    """LARS over momentum SGD appended to a joint forward-backward graph (``pipelines.LARS_JOINT``, the
+    ExecuTorch training program).
+
+    The graph's outputs are the loss, then gradients: ``gradients`` maps each trained parameter's placeholder
+    to the index of its gradient among the outputs, ``steps`` to its ``JointParam``. ``lr_input`` names the
+    0-d lr placeholder the matcher adds.
+    """
+
+    gradients: Mapping[str, int] = field(default_factory=dict)
+    steps: Mapping[str, JointParam] = field(default_factory=dict)
+    lr_input: str = "lr"
+
+
 @dataclass(kw_only=True)
 class LayerUpdate:
     """One parameter's update as a matcher found it, and what the layer-wise passes add to it.
@@ -159,6 +189,16 @@ class SgdUpdate(LayerUpdate):
     new_buffer: torch.fx.Node | None = None
     buffer_mul: torch.fx.Node | None = None
     nesterov_add: torch.fx.Node | None = None
+
+
+@dataclass(kw_only=True)
+class JointUpdate(LayerUpdate):
+    """One trained parameter of a joint forward-backward graph (see ``fx_match_joint``): ``grad`` is its
+    gradient (negated with ``maximize``), ``step`` how SGD steps it. ``momentum_buffer`` is the placeholder of
+    its momentum buffer, which ``append_momentum_step`` adds."""
+
+    step: JointParam
+    momentum_buffer: torch.fx.Node | None = None
 
 
 @dataclass(eq=False)

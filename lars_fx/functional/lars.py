@@ -39,6 +39,7 @@ __all__ = [
     "compute_dtype",
     "scaled_gradient",
     "lars_gradient",
+    "momentum_step",
     "momentum_update",
     "lars_sgd_reference",
     "LarsGradients",
@@ -159,6 +160,35 @@ def lars_gradient(
     return scaled_gradient(param, g, coeff, weight_decay)
 
 
+def momentum_step(
+    param: Tensor,
+    update: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: Number,
+    momentum: float,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    lr_inside_momentum: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """One momentum-SGD step of one tensor, out of place: ``(new param, new buffer)`` (the buffer None
+    without momentum).
+
+    ``momentum_buffer`` is None on the first step (the buffer starts as the update, as in
+    ``torch.optim.SGD``). With ``lr_inside_momentum`` the buffer holds ``lr * u`` terms (the paper's form).
+    """
+    # A 0-d update times a 0-d lr of a wider dtype promotes: keep the update's (and so the buffer's) dtype.
+    velocity_input = (lr * update).to(update.dtype) if lr_inside_momentum else update
+    if momentum == 0:
+        return param - (velocity_input if lr_inside_momentum else lr * velocity_input), None
+    if momentum_buffer is None:
+        buf = velocity_input.clone()
+    else:
+        buf = momentum * momentum_buffer + (1 - dampening) * velocity_input
+    direction = velocity_input + momentum * buf if nesterov else buf
+    return param - (direction if lr_inside_momentum else lr * direction), buf
+
+
 def momentum_update(
     param: Tensor,
     update: Tensor,
@@ -170,22 +200,18 @@ def momentum_update(
     nesterov: bool = False,
     lr_inside_momentum: bool = False,
 ) -> Tensor | None:
-    """One momentum-SGD step of one tensor, in place on ``param``; returns the new buffer (reference).
-
-    ``momentum_buffer`` is None on the first step (the buffer starts as the update, as in
-    ``torch.optim.SGD``). With ``lr_inside_momentum`` the buffer holds ``lr * u`` terms (the paper's form).
-    """
-    # A 0-d update times a 0-d lr of a wider dtype promotes: keep the update's (and so the buffer's) dtype.
-    velocity_input = (lr * update).to(update.dtype) if lr_inside_momentum else update
-    if momentum == 0:
-        param.sub_(velocity_input if lr_inside_momentum else lr * velocity_input)
-        return None
-    if momentum_buffer is None:
-        buf = velocity_input.clone()
-    else:
-        buf = momentum * momentum_buffer + (1 - dampening) * velocity_input
-    direction = velocity_input + momentum * buf if nesterov else buf
-    param.sub_(direction if lr_inside_momentum else lr * direction)
+    """``momentum_step`` in place on ``param``; returns the new buffer (reference)."""
+    new_param, buf = momentum_step(
+        param.detach(),
+        update,
+        momentum_buffer,
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        lr_inside_momentum=lr_inside_momentum,
+    )
+    param.copy_(new_param)
     return buf
 
 

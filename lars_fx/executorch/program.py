@@ -1,0 +1,254 @@
+"""One ExecuTorch program (``.pte``) that trains with LARS: ``export_program``.
+
+The program's four methods share its state, the trained parameters' weights and momentum buffers, held
+as mutable buffers that start from the model's weights and the optimizer's buffers:
+
+* ``train_step(*inputs, target, lr) -> loss``: the captured step (``capture``): forward, backward and the
+  LARS momentum-SGD step, written back into the state; ``lr`` a 0-d float32 tensor (a schedule needs no new
+  program);
+* ``predict(*inputs) -> output``: the model's forward on the state's weights;
+* ``get_state() -> (weights..., momentum buffers...)`` and ``set_state(weights..., momentum buffers...)``,
+  in ``model.named_parameters()`` order, to checkpoint and resume on the device.
+
+The state is shared across methods by ExecuTorch's ``share_mutable_buffers`` planning and starts initialized
+through ``InitializedMutableBufferPass`` (without it a program starts from zeros). The written program is
+loaded back with ``executorch.runtime`` and every method loaded: a method the runtime cannot load (an
+operator without a kernel) is an error here, not on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+try:
+    from executorch.exir import ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+except ImportError as missing:
+    raise ImportError(
+        "lars_fx.executorch needs ExecuTorch: pip install 'lars-fx[executorch]' (executorch>=1.5.1)"
+    ) from missing
+
+from lars_fx.optimizer import LARS
+
+from .capture import CapturedStep, capture_step
+from .spec import ProgramSpec
+
+__all__ = ["METHODS", "TrainingProgram", "export_program", "program_modules"]
+
+METHODS = ("train_step", "predict", "get_state", "set_state")
+_WEIGHT, _MOMENTUM, _CONSTANT = "lars_weight_", "lars_momentum_", "lars_constant_"
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class TrainingProgram:
+    """A written program: its path, the names of the parameters ``get_state``/``set_state`` list (weights in
+    this order, then the momentum buffers of ``momentum_names``), and the captured step (with its stages)."""
+
+    path: Path
+    parameter_names: tuple[str, ...]
+    momentum_names: tuple[str, ...]
+    step: CapturedStep
+
+
+class _State(torch.nn.Module):
+    """The program's state, one buffer each (the names are what ``share_mutable_buffers`` shares across
+    methods): the trained weights in ``spec.params`` order, the momentum buffers in ``spec.with_momentum()``
+    order, and the step's constants in its input order."""
+
+    def __init__(self, step: CapturedStep, weights: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        spec = step.spec
+        for index, param in enumerate(spec.params):
+            self.register_buffer(f"{_WEIGHT}{index}", weights[param.name].detach().clone())
+        for index, param in enumerate(spec.with_momentum()):
+            buffer = param.momentum_buffer
+            initial = torch.zeros_like(weights[param.name]) if buffer is None else buffer
+            self.register_buffer(f"{_MOMENTUM}{index}", initial.detach().clone())
+        constants = [source.value for source in step.sources if source.kind == "constant"]
+        for index, value in enumerate(constants):
+            assert value is not None
+            self.register_buffer(f"{_CONSTANT}{index}", value.clone())
+
+    def _named(self, prefix: str) -> list[Tensor]:
+        return [buffer for name, buffer in self.named_buffers() if name.startswith(prefix)]
+
+    def weights(self) -> list[Tensor]:
+        return self._named(_WEIGHT)
+
+    def momenta(self) -> list[Tensor]:
+        return self._named(_MOMENTUM)
+
+    def constants(self) -> list[Tensor]:
+        return self._named(_CONSTANT)
+
+
+class _TrainStep(torch.nn.Module):
+    """``train_step(*inputs, target, lr) -> loss``: the captured step, its new state written back."""
+
+    def __init__(self, state: _State, step: CapturedStep) -> None:
+        super().__init__()
+        self.state = state
+        self.step = step.graph
+        weight_index = {name: i for i, name in enumerate(step.spec.names())}
+        momentum_index = {param.name: i for i, param in enumerate(step.spec.with_momentum())}
+        constants = iter(range(len(step.sources)))
+        self.plan: list[tuple[str, int]] = []  # (what, index) per graph input
+        for source in step.sources:
+            if source.kind == "weight":
+                self.plan.append(("weight", weight_index[source.name]))
+            elif source.kind == "momentum":
+                self.plan.append(("momentum", momentum_index[source.name]))
+            elif source.kind == "constant":
+                self.plan.append(("constant", next(constants)))
+            else:
+                self.plan.append((source.kind, source.index))
+
+    def forward(self, *args: Tensor) -> Tensor:
+        *inputs, target, lr = args
+        pools = {
+            "weight": self.state.weights(),
+            "momentum": self.state.momenta(),
+            "constant": self.state.constants(),
+            "input": inputs,
+        }
+        graph_inputs = [
+            target if what == "target" else lr if what == "lr" else pools[what][index]
+            for what, index in self.plan
+        ]
+        loss, *stepped = self.step(*graph_inputs)
+        for buffer, value in zip(self.state.weights() + self.state.momenta(), stepped, strict=True):
+            buffer.copy_(value)
+        return loss
+
+
+class _Predict(torch.nn.Module):
+    """``predict(*inputs) -> output``: the model's forward on the state's weights."""
+
+    def __init__(self, state: _State, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.state = state
+        self.model = model
+        self.names = names
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        weights = dict(zip(self.names, self.state.weights(), strict=True))
+        return torch.func.functional_call(self.model, weights, inputs)
+
+
+class _GetState(torch.nn.Module):
+    """``get_state() -> (weights..., momentum buffers...)``."""
+
+    def __init__(self, state: _State) -> None:
+        super().__init__()
+        self.state = state
+
+    def forward(self) -> tuple[Tensor, ...]:
+        return tuple(buffer.clone() for buffer in self.state.weights() + self.state.momenta())
+
+
+class _SetState(torch.nn.Module):
+    """``set_state(weights..., momentum buffers...)``."""
+
+    def __init__(self, state: _State) -> None:
+        super().__init__()
+        self.state = state
+
+    def forward(self, *values: Tensor) -> None:
+        for buffer, value in zip(self.state.weights() + self.state.momenta(), values, strict=True):
+            buffer.copy_(value)
+
+
+def program_modules(
+    model: torch.nn.Module, step: CapturedStep
+) -> tuple[dict[str, torch.nn.Module], _State]:
+    """The four methods as modules over one shared ``_State`` (for ``torch.export``; they run in eager
+    too)."""
+    weights = dict(model.named_parameters())
+    state = _State(step, weights)
+    modules: dict[str, torch.nn.Module] = {
+        "train_step": _TrainStep(state, step),
+        "predict": _Predict(state, model, step.spec.names()),
+        "get_state": _GetState(state),
+        "set_state": _SetState(state),
+    }
+    return modules, state
+
+
+def export_program(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Tensor],
+    example_target: Tensor,
+    *,
+    optimizer: LARS,
+    loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+    path: PathLike,
+    partitioner: str | None = None,
+) -> TrainingProgram:
+    """Write ``model`` trained by ``optimizer`` (a ``lars_fx.LARS`` over ``torch.optim.SGD``) as one
+    ExecuTorch program at ``path`` (see the module docstring).
+
+    ``loss``: ``"mse"``, ``"cross_entropy"`` or a callable ``loss(output, target)``. ``partitioner``: None
+    (the portable kernels) or ``"xnnpack"`` (XNNPACK delegates what it can). The program starts from the
+    model's weights and the optimizer's momentum buffers now. Raises TypeError/ValueError, naming the
+    parameter or module and the fix, for what the program cannot do exactly as ``optimizer.step()`` would.
+    """
+    if partitioner not in (None, "xnnpack"):
+        raise ValueError(f"partitioner must be None or 'xnnpack', got {partitioner!r}")
+    inputs = tuple(example_inputs)
+    spec = ProgramSpec.from_optimizer(optimizer, model)
+    step = capture_step(model, inputs, example_target, spec, loss=loss)
+    modules, state = program_modules(model, step)
+    lr = torch.tensor(spec.lr, dtype=torch.float32)
+    state_values = tuple(buffer.clone() for buffer in state.weights() + state.momenta())
+    examples: dict[str, tuple[Tensor, ...]] = {
+        "train_step": (*inputs, example_target, lr),
+        "predict": inputs,
+        "get_state": (),
+        "set_state": state_values,
+    }
+    with torch.no_grad():
+        exported = {
+            name: torch.export.export(modules[name], examples[name], strict=False) for name in METHODS
+        }
+    if partitioner == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    else:
+        edge = to_edge(exported)
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass([_WEIGHT, _MOMENTUM])],
+            memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+        )
+    )
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(program.buffer)
+    _check_loads(target)
+    names = tuple(spec.names())
+    return TrainingProgram(target, names, tuple(p.name for p in spec.with_momentum()), step)
+
+
+def _check_loads(path: Path) -> None:
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(path)
+    for name in METHODS:
+        try:
+            program.load_method(name)
+        except Exception as error:  # the runtime raises RuntimeError, and logs the missing kernel's name
+            raise ValueError(
+                f"ExecuTorch's runtime cannot load the program's {name!r} method ({error}): an operator "
+                "of the model has no kernel in this runtime (its log names it). Replace that layer, or try "
+                "partitioner='xnnpack'"
+            ) from error
