@@ -346,3 +346,29 @@ def test_own_init_group_and_its_override():
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q)
         torch.testing.assert_close(sgd.state[p]["momentum_buffer"], plain.state[q]["momentum_buffer"])
+
+
+def test_export_forward_backward_outputs_the_loss_then_each_parameters_gradient():
+    from torch.export.graph_signature import OutputKind
+
+    class Loss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, x, target):
+            return (torch.nn.functional.mse_loss(self.linear(x), target),)
+
+    module = Loss()
+    x, target = torch.randn(4, 3), torch.randn(4, 2)
+    joint = _compat.export_forward_backward(torch.export.export(module, (x, target), strict=False))
+    specs = joint.graph_signature.output_specs
+    assert [s.kind for s in specs] == [OutputKind.LOSS_OUTPUT] + [OutputKind.GRADIENT_TO_PARAMETER] * 2
+    assert [s.target for s in specs[1:]] == ["linear.weight", "linear.bias"]
+    weight, bias = module.linear.weight.detach(), module.linear.bias.detach()
+    loss, grad_w, grad_b = joint.graph_module(weight, bias, x, target)
+    (expected,) = module(x, target)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    torch.testing.assert_close(grad_w, module.linear.weight.grad)
+    torch.testing.assert_close(grad_b, module.linear.bias.grad)

@@ -10,6 +10,7 @@ Imports no ExecuTorch.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -101,11 +102,17 @@ def capture_step(
         exported = torch.export.export(wrapped, (*inputs, example_target), strict=False)
     except Exception as error:  # torch.export raises many unrelated types for what it cannot capture
         raise ValueError(f"torch.export could not capture the model's loss: {error}") from error
-    _refuse_buffer_writes(exported, model)
-    _refuse_random_ops(exported)
     if len(exported.graph_signature.user_outputs) != 1:
         raise ValueError("the loss must be one tensor")
-    joint = export_forward_backward(exported)
+    # Both checks read the decomposed graph: before it, batch_norm and dropout are ops of their own that
+    # hide their writes and their random numbers.
+    try:
+        joint = export_forward_backward(exported)
+    except AssertionError as error:  # torch asserts every trainable parameter gets a gradient
+        _refuse_parameters_without_gradient(wrapped, (*inputs, example_target))
+        raise ValueError(f"torch could not build the loss's backward graph: {error}") from error
+    _refuse_buffer_writes(joint, model)
+    _refuse_random_ops(exported, joint)
     gm = joint.graph_module
     request, sources = _request(joint, spec, inputs)
     gm, stages = run_pipeline(gm, LARS_JOINT, request, tag="executorch_train_step", dump_dir=dump_dir)
@@ -163,12 +170,7 @@ def _request(
             if name in trained:
                 gradients[placeholder_of[name]] = index
     if missing := [name for name in trained if placeholder_of.get(name) not in gradients]:
-        raise ValueError(
-            f"parameter {missing[0]!r} gets no gradient from the loss: torch's optimizer skips a parameter "
-            "without a gradient, and the program would step it with a zero gradient (weight decay, "
-            "momentum). "
-            "Freeze it (requires_grad=False) or leave it out of the optimizer"
-        )
+        raise ValueError(_no_gradient(missing[0]))
     request = JointStepRequest(
         params={
             placeholder_of[p.name]: ParamRole(p.group_index, p.index_in_group, p.use_lars)
@@ -182,8 +184,8 @@ def _request(
     return request, sources
 
 
-def _refuse_buffer_writes(exported: torch.export.ExportedProgram, model: torch.nn.Module) -> None:
-    for target in exported.graph_signature.buffers_to_mutate.values():
+def _refuse_buffer_writes(joint: torch.export.ExportedProgram, model: torch.nn.Module) -> None:
+    for target in joint.graph_signature.buffers_to_mutate.values():
         name = target[len(_PREFIX):] if target.startswith(_PREFIX) else target
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
@@ -195,15 +197,43 @@ def _refuse_buffer_writes(exported: torch.export.ExportedProgram, model: torch.n
         )
 
 
-def _refuse_random_ops(exported: torch.export.ExportedProgram) -> None:
-    for node in exported.graph.nodes:
+def _refuse_random_ops(exported: torch.export.ExportedProgram, joint: torch.export.ExportedProgram) -> None:
+    """The joint graph names every random op (dropout decomposed); the exported one, before decomposition,
+    still knows the module a dropout sits in."""
+    for node in [*exported.graph.nodes, *joint.graph.nodes]:
         target = node.target
-        if node.op == "call_function" and torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
-            stack = node.meta.get("nn_module_stack") or {}
-            module = next(reversed(stack.values()), ("", None))[0] if stack else "the forward"
-            module = module[len("L['self'].model."):] if module.startswith("L['self'].model.") else module
-            raise ValueError(
-                f"the model draws random numbers ({target} in {module}), and the program's generator is not "
-                "torch's: its steps could not equal torch's. Put Dropout and other random layers in eval "
-                "mode (module.eval()) or remove them before exporting"
-            )
+        if node.op != "call_function" or not (
+            torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()) or "dropout" in str(target)
+        ):
+            continue
+        if target is torch.ops.aten.dropout.default and node.args[2] is False:
+            continue  # a Dropout in eval mode: the identity
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = list(stack.values())[-1][0].removeprefix("L['self'].") if stack else "model"
+        module = "the model's forward" if owner == "model" else owner.removeprefix(_PREFIX)
+        raise ValueError(
+            f"the model draws random numbers ({target} in {module}), and the program's generator is not "
+            "torch's: its steps could not equal torch's. Put Dropout and other random layers in eval "
+            "mode (module.eval()) or remove them before exporting"
+        )
+
+
+def _no_gradient(name: str) -> str:
+    return (
+        f"parameter {name!r} gets no gradient from the loss: torch's optimizer skips a parameter without a "
+        "gradient, and a program would step it with a zero gradient (weight decay, momentum). Freeze it "
+        "(requires_grad=False) or leave it out of the model"
+    )
+
+
+def _refuse_parameters_without_gradient(wrapped: _LossOf, args: tuple[Tensor, ...]) -> None:
+    """Name the parameter that gets no gradient (``export_forward_backward`` only asserts there is one), from
+    an eager backward through a copy of the model."""
+    copied = copy.deepcopy(wrapped)
+    params = dict(copied.model.named_parameters())
+    trainable = [name for name, p in params.items() if p.requires_grad]
+    (loss,) = copied(*args)
+    grads = torch.autograd.grad(loss, [params[name] for name in trainable], allow_unused=True)
+    for name, grad in zip(trainable, grads, strict=True):
+        if grad is None:
+            raise ValueError(_no_gradient(name))

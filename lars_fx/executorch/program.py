@@ -19,6 +19,7 @@ operator without a kernel) is an error here, not on the device.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,12 +219,15 @@ def export_program(
         exported = {
             name: torch.export.export(modules[name], examples[name], strict=False) for name in METHODS
         }
-    if partitioner == "xnnpack":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    try:
+        if partitioner == "xnnpack":
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-    else:
-        edge = to_edge(exported)
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        else:
+            edge = to_edge(exported)
+    except Exception as error:  # ExecuTorch's verifier: an op outside the Core ATen opset it has kernels for
+        raise ValueError(_lowering_error(error)) from error
     program = edge.to_executorch(
         ExecutorchBackendConfig(
             passes=[InitializedMutableBufferPass([_WEIGHT, _MOMENTUM])],
@@ -237,6 +241,17 @@ def export_program(
     _check_loads(target)
     names = tuple(spec.names())
     return TrainingProgram(target, names, tuple(p.name for p in spec.with_momentum()), step)
+
+
+def _lowering_error(error: Exception) -> str:
+    found = re.search(r"Operator (?:torch\._ops\.)?(\S+) is not in Core ATen opset", str(error))
+    if found:
+        return (
+            f"the training step uses {found.group(1)}, which is not in the Core ATen opset ExecuTorch has "
+            "kernels for (in the model's forward or its backward). Replace the layer that uses it"
+        )
+    first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"ExecuTorch could not lower the training program: {first_line}"
 
 
 def _check_loads(path: Path) -> None:
