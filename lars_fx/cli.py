@@ -1,4 +1,5 @@
-"""The ``lars-fx`` command: inspect the compiled LARS step, export ONNX training artifacts, benchmark.
+"""The ``lars-fx`` command: inspect the compiled LARS step, export ONNX Runtime training artifacts or an
+ExecuTorch training program, benchmark.
 
 ``inspect`` and ``export`` take ``MODULE:FACTORY``: a function that takes no arguments and returns
 ``(model, optimizer)`` or ``(model, optimizer, example_inputs)``, where ``optimizer`` is a ``lars_fx.LARS``
@@ -13,12 +14,14 @@ import argparse
 import importlib
 import importlib.util
 import io
+import logging
 import os
 import sys
 import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -196,8 +199,9 @@ def status(message: str) -> Iterator[None]:
 
 
 @contextmanager
-def native_stderr_hidden() -> Iterator[None]:
-    """Discard what native code (ONNX Runtime's C++ logger) writes to file descriptor 2 meanwhile.
+def native_stderr_hidden(captured: list[str] | None = None) -> Iterator[None]:
+    """Discard what native code (ONNX Runtime's C++ logger) writes to file descriptor 2 meanwhile; with
+    ``captured``, append that text to it on the way out.
 
     Python's ``sys.stderr``, when it writes to descriptor 2, is pointed at a copy of it, so the
     progress line and Python's warnings still show.
@@ -223,6 +227,49 @@ def native_stderr_hidden() -> Iterator[None]:
                 sys.stderr = python_stderr
             os.dup2(saved, 2)
             os.close(saved)
+            if captured is not None:
+                sink.seek(0)
+                captured.append(sink.read().decode("utf-8", errors="replace"))
+
+
+class _ThreadStderr(io.TextIOBase):
+    """``sys.stderr`` that keeps what one thread writes and passes the other threads' writes on."""
+
+    def __init__(self, passthrough: Any, captured: list[str]) -> None:
+        self.passthrough = passthrough
+        self.captured = captured
+        self.thread = threading.get_ident()
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() == self.thread:
+            self.captured.append(text)
+            return len(text)
+        return self.passthrough.write(text)
+
+    def flush(self) -> None:
+        self.passthrough.flush()
+
+
+@contextmanager
+def library_noise_hidden(captured: list[str]) -> Iterator[None]:
+    """Hide what ExecuTorch and the libraries it imports report while this thread exports a program,
+    keeping the text in ``captured``: its runtime's log (which its Python bindings write to
+    ``sys.stderr``), native output on descriptor 2, Python warnings and log records (e.g. its emitter's
+    warning that a mutated buffer starts uninitialized, which ``export_program`` initializes). The progress
+    line, written by another thread, still shows."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), native_stderr_hidden(captured):
+            warnings.simplefilter("ignore")
+            python_stderr = sys.stderr
+            sys.stderr = _ThreadStderr(python_stderr, captured)
+            try:
+                yield
+            finally:
+                sys.stderr = python_stderr
+    finally:
+        logging.disable(previous)
 
 
 def _out_dir(path: Path) -> Path:
@@ -309,6 +356,10 @@ def summarize_inspection(report: Any) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "executorch":
+        return _export_executorch(args)
+    if args.name is not None or args.partitioner is not None:
+        raise UsageError("--name and --partitioner apply to --format executorch only")
     out = _out_dir(args.out)
     try:
         from .onnx import generate_artifacts
@@ -333,6 +384,70 @@ def cmd_export(args: argparse.Namespace) -> int:
     for path in sorted(out.iterdir()):
         print(f"{path}  ({path.stat().st_size:,} bytes)")
     return 0
+
+
+def _export_executorch(args: argparse.Namespace) -> int:
+    name = args.name or "model.pte"
+    if Path(name).name != name or name in (".", ".."):
+        raise UsageError(f"--name {name!r}: a file name, without folders (the folder is --out)")
+    out = _out_dir(args.out)
+    native_log: list[str] = []
+    quiet = nullcontext() if args.verbose else library_noise_hidden(native_log)
+    try:
+        with quiet:
+            from .executorch import export_program
+    except ImportError as error:
+        raise MissingFeature(
+            f"export --format executorch needs the executorch extra: pip install 'lars-fx[executorch]' "
+            f"({_first_line(error)})"
+        ) from None
+    with status(f"building {args.factory}"):
+        built = build(args.factory)
+    if built.example_inputs is None:
+        raise UsageError(f"{args.factory} must return (model, optimizer, example_inputs) for export")
+    if isinstance(built.optimizer, LAMB):
+        raise UsageError(
+            f"{args.factory} returned a lars_fx.LAMB; export writes LARS training artifacts only (the "
+            "ExecuTorch program's step is LARS over torch.optim.SGD)"
+        )
+    target = _example_target(built, args.loss)
+    path = out / name
+    native_log.clear()  # only the export's own lines can name a missing kernel
+    quiet = nullcontext() if args.verbose else library_noise_hidden(native_log)
+    try:
+        with status(f"exporting an ExecuTorch training program to {path}"), quiet:
+            program = export_program(built.model, built.example_inputs, target, optimizer=built.optimizer,
+                                     loss=args.loss, path=path, partitioner=args.partitioner)
+    except (ValueError, TypeError) as error:  # the exporter's refusals name the option to change
+        missing = _missing_kernels("".join(native_log))
+        detail = f" (missing: {', '.join(missing)})" if missing else ""
+        raise UsageError(f"cannot export {args.factory}: {_first_line(error)}{detail}") from error
+    print(f"{program.path}  ({program.path.stat().st_size:,} bytes)")
+    return 0
+
+
+def _example_target(built: Built, loss: str) -> Tensor:
+    """A target shaped as the loss takes it: the output's shape for mse, one class per row for
+    cross_entropy (the values do not matter to the export)."""
+    inputs = built.example_inputs
+    assert inputs is not None
+    with torch.no_grad():
+        output = _run_user_code("the forward pass on example_inputs", lambda: built.model(*inputs))
+    if not isinstance(output, Tensor):
+        raise UsageError(f"the model returned {_describe(output)}; export needs a tensor output")
+    if loss == "cross_entropy":
+        if output.dim() == 0:
+            raise UsageError("--loss cross_entropy needs an output with a batch dimension; the model's is "
+                             "0-d")
+        return torch.zeros(output.shape[0], dtype=torch.long)
+    return torch.zeros_like(output)
+
+
+def _missing_kernels(log: str) -> list[str]:
+    """The operators ExecuTorch's runtime logged as missing (``Missing operator: [23] aten::...``)."""
+    marker = "Missing operator:"
+    names = [line.split(marker, 1)[1].split()[-1] for line in log.splitlines() if marker in line]
+    return list(dict.fromkeys(names))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -438,20 +553,32 @@ def make_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="write ONNX Runtime training artifacts for a model and its LARS optimizer",
+        help="write ONNX Runtime training artifacts or an ExecuTorch training program (LARS)",
         description=_para(
-            "Build the model, optimizer and example inputs FACTORY returns and write ONNX Runtime "
-            "training artifacts (training, eval and optimizer models, checkpoint) with lars_fx.onnx."
+            "Build the model, optimizer and example inputs FACTORY returns and write, with --format "
+            "onnx (the default), ONNX Runtime training artifacts (training, eval and optimizer models, "
+            "checkpoint) with lars_fx.onnx; with --format executorch, one ExecuTorch program (.pte) whose "
+            "train_step, predict, get_state and set_state methods share the trained state, with "
+            "lars_fx.executorch."
         )
         + "\n\n"
         + FACTORY_HELP,
-        epilog="example:\n  lars-fx export my_factories:tiny --out artifacts/",
+        epilog="examples:\n  lars-fx export my_factories:tiny --out artifacts/\n"
+        "  lars-fx export my_factories:tiny --format executorch --loss cross_entropy --out program/\n"
+        "  lars-fx export my_factories:tiny --format executorch --partitioner xnnpack --name tiny.pte "
+        "--out program/",
     )
     export.add_argument(
         "factory", metavar="MODULE:FACTORY", help="function returning (model, optimizer, example_inputs)"
     )
     export.add_argument(
-        "--out", type=Path, metavar="DIR", required=True, help="folder for the artifacts (created)"
+        "--out", type=Path, metavar="DIR", required=True, help="folder for the artifacts or program (created)"
+    )
+    export.add_argument(
+        "--format",
+        choices=("onnx", "executorch"),
+        default="onnx",
+        help="onnx: ONNX Runtime training artifacts; executorch: an ExecuTorch .pte (default: onnx)",
     )
     export.add_argument(
         "--loss",
@@ -460,7 +587,17 @@ def make_parser() -> argparse.ArgumentParser:
         help="the loss the training model ends in (default: mse)",
     )
     export.add_argument(
-        "--verbose", action="store_true", help="also show ONNX Runtime's own log lines (hidden by default)"
+        "--name", metavar="FILE", help="executorch: the program's file name in DIR (default: model.pte)"
+    )
+    export.add_argument(
+        "--partitioner",
+        choices=("xnnpack",),
+        help="executorch: delegate what XNNPACK runs to it (default: ExecuTorch's portable kernels only)",
+    )
+    export.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show ONNX Runtime's (or ExecuTorch's) own log lines and warnings (hidden by default)",
     )
     export.set_defaults(run=cmd_export)
 

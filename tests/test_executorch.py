@@ -257,6 +257,40 @@ def test_program_starts_from_zero_momentum_before_the_first_step_and_get_set_sta
     torch.testing.assert_close(methods["predict"].execute([x])[0], fresh(x), rtol=1e-6, atol=1e-6)
 
 
+def test_state_survives_methods_loaded_late_in_any_order(tmp_path):
+    """A method's first load must not reset the shared state (the C++ Module loads a method at its first
+    call): predict and get_state loaded after training, train_step loaded after set_state."""
+    torch.manual_seed(28)
+    model = Mlp()
+    optimizer = make_lars(model)
+    x, target = batch(model, torch.Generator().manual_seed(29))
+    program = export_program(
+        model, [x], target, optimizer=optimizer, loss="cross_entropy", path=tmp_path / "late.pte"
+    )
+    runtime = executorch_runtime.Runtime.get()
+
+    trained = runtime.load_program(program.path)
+    train = trained.load_method("train_step")
+    for _ in range(3):
+        train.execute([x, target, torch.tensor(0.5)])
+        torch_step(model, optimizer, x, target, 1.0, [0.5])
+    expected = torch_state(model, optimizer, program.parameter_names, program.momentum_names)
+    state = trained.load_method("get_state").execute([])  # loaded after training
+    assert_close_states(state, expected, "get_state loaded late")
+    output = trained.load_method("predict").execute([x])[0]
+    torch.testing.assert_close(output, model(x).detach(), rtol=1e-5, atol=1e-6)
+    assert_close_states(trained.load_method("get_state").execute([]), expected, "after predict's load")
+
+    resumed = runtime.load_program(program.path)  # a fresh program: starts from the exported state
+    resumed.load_method("set_state").execute(list(state))
+    train_late = resumed.load_method("train_step")  # loaded after set_state
+    train_late.execute([x, target, torch.tensor(0.5)])
+    train.execute([x, target, torch.tensor(0.5)])
+    after = resumed.load_method("get_state").execute([])
+    continued = trained.load_method("get_state").execute([])
+    assert all(torch.equal(a, b) for a, b in zip(after, continued, strict=True))
+
+
 # -- options: the program holds each of LARS's and SGD's options as torch runs them --------------------------
 
 OPTION_CASES: dict[str, dict] = {

@@ -1,7 +1,7 @@
 """One ExecuTorch program (``.pte``) that trains with LARS: ``export_program``.
 
-The program's four methods share its state, the trained parameters' weights and momentum buffers, held
-as mutable buffers that start from the model's weights and the optimizer's buffers:
+The program's four methods share its state, the trained parameters' weights and momentum buffers, which
+start as the model's weights and the optimizer's buffers at export:
 
 * ``train_step(*inputs, target, lr) -> loss``: the captured step (``capture``): forward, backward and the
   LARS momentum-SGD step, written back into the state; ``lr`` a 0-d float32 tensor (a schedule needs no new
@@ -10,10 +10,17 @@ as mutable buffers that start from the model's weights and the optimizer's buffe
 * ``get_state() -> (weights..., momentum buffers...)`` and ``set_state(weights..., momentum buffers...)``,
   in ``model.named_parameters()`` order, to checkpoint and resume on the device.
 
-The state is shared across methods by ExecuTorch's ``share_mutable_buffers`` planning and starts initialized
-through ``InitializedMutableBufferPass`` (without it a program starts from zeros). The written program is
-loaded back with ``executorch.runtime`` and every method loaded: a method the runtime cannot load (an
-operator without a kernel) is an error here, not on the device.
+The state is shared across methods by ExecuTorch's ``share_mutable_buffers`` planning: one mutable buffer per
+tensor that every method reads and writes. Those buffers hold no data in the program. ExecuTorch's way to
+start them initialized (``InitializedMutableBufferPass``) copies the initial data in again whenever a method
+is first loaded, so a device that loads ``predict`` after training (the C++ ``Module`` loads a method at its
+first call), or ``train_step`` after ``set_state``, would silently lose its state. Instead the initial
+values are constants of the program (stored once) and a mutable mark says whether the state has been written:
+until ``train_step`` or ``set_state`` writes it (and sets the mark), every method reads the initial values.
+The mark is a 64-bit pattern, not a flag, because the runtime does not promise to zero a planned buffer.
+
+The written program is loaded back with ``executorch.runtime`` and every method loaded: a method the runtime
+cannot load (an operator without a kernel) is an error here, not on the device.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ from torch import Tensor
 try:
     from executorch.exir import ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 except ImportError as missing:
     raise ImportError(
         "lars_fx.executorch needs ExecuTorch: pip install 'lars-fx[executorch]' (executorch>=1.5.1)"
@@ -45,6 +51,9 @@ __all__ = ["METHODS", "TrainingProgram", "export_program", "program_modules"]
 
 METHODS = ("train_step", "predict", "get_state", "set_state")
 _WEIGHT, _MOMENTUM, _CONSTANT = "lars_weight_", "lars_momentum_", "lars_constant_"
+_INITIAL = "initial_"
+# The state's mark once written: a fixed random 63-bit pattern that a fresh arena's bytes will not hold.
+_WRITTEN = 0x2F6A_91C4_5B3E_D807
 PathLike = str | os.PathLike
 
 
@@ -60,35 +69,56 @@ class TrainingProgram:
 
 
 class _State(torch.nn.Module):
-    """The program's state, one buffer each (the names are what ``share_mutable_buffers`` shares across
-    methods): the trained weights in ``spec.params`` order, the momentum buffers in ``spec.with_momentum()``
-    order, and the step's constants in its input order."""
+    """The program's state: a mutable buffer per trained weight (``spec.params`` order) and momentum buffer
+    (``spec.with_momentum()`` order), each with its initial value as a constant, the mark, and the step's
+    constants in its input order. The buffers' names are what ``share_mutable_buffers`` shares by."""
 
     def __init__(self, step: CapturedStep, weights: Mapping[str, Tensor]) -> None:
         super().__init__()
         spec = step.spec
         for index, param in enumerate(spec.params):
-            self.register_buffer(f"{_WEIGHT}{index}", weights[param.name].detach().clone())
+            initial = weights[param.name].detach().clone()
+            self.register_buffer(f"{_WEIGHT}{index}", torch.zeros_like(initial))
+            self.register_buffer(f"{_INITIAL}{_WEIGHT}{index}", initial)
         for index, param in enumerate(spec.with_momentum()):
-            buffer = param.momentum_buffer
-            initial = torch.zeros_like(weights[param.name]) if buffer is None else buffer
-            self.register_buffer(f"{_MOMENTUM}{index}", initial.detach().clone())
+            self.register_buffer(f"{_MOMENTUM}{index}", torch.zeros_like(weights[param.name]))
+            if param.momentum_buffer is not None:  # else zeros, made in the graph rather than stored
+                self.register_buffer(f"{_INITIAL}{_MOMENTUM}{index}", param.momentum_buffer.detach().clone())
         constants = [source.value for source in step.sources if source.kind == "constant"]
         for index, value in enumerate(constants):
             assert value is not None
             self.register_buffer(f"{_CONSTANT}{index}", value.clone())
+        self.register_buffer("mark", torch.zeros((), dtype=torch.int64))
 
     def _named(self, prefix: str) -> list[Tensor]:
         return [buffer for name, buffer in self.named_buffers() if name.startswith(prefix)]
 
+    def _current(self, prefix: str) -> list[Tensor]:
+        written = self.mark == _WRITTEN
+        buffers = dict(self.named_buffers())
+        current = []
+        for name, buffer in self.named_buffers():
+            if name.startswith(prefix):
+                initial = buffers.get(_INITIAL + name)
+                initial = torch.zeros_like(buffer) if initial is None else initial
+                current.append(torch.where(written, buffer, initial))
+        return current
+
     def weights(self) -> list[Tensor]:
-        return self._named(_WEIGHT)
+        """The trained weights now: the written ones, or the initial ones before any write."""
+        return self._current(_WEIGHT)
 
     def momenta(self) -> list[Tensor]:
-        return self._named(_MOMENTUM)
+        return self._current(_MOMENTUM)
 
     def constants(self) -> list[Tensor]:
         return self._named(_CONSTANT)
+
+    def write(self, values: Sequence[Tensor]) -> None:
+        """Write the weights then the momentum buffers, and mark the state written."""
+        for buffer, value in zip(self._named(_WEIGHT) + self._named(_MOMENTUM), values, strict=True):
+            buffer.copy_(value)
+        self.mark.fill_(_WRITTEN)
 
 
 class _TrainStep(torch.nn.Module):
@@ -125,8 +155,7 @@ class _TrainStep(torch.nn.Module):
             for what, index in self.plan
         ]
         loss, *stepped = self.step(*graph_inputs)
-        for buffer, value in zip(self.state.weights() + self.state.momenta(), stepped, strict=True):
-            buffer.copy_(value)
+        self.state.write(stepped)
         return loss
 
 
@@ -163,8 +192,7 @@ class _SetState(torch.nn.Module):
         self.state = state
 
     def forward(self, *values: Tensor) -> None:
-        for buffer, value in zip(self.state.weights() + self.state.momenta(), values, strict=True):
-            buffer.copy_(value)
+        self.state.write(values)
 
 
 def program_modules(
@@ -230,7 +258,6 @@ def export_program(
         raise ValueError(_lowering_error(error)) from error
     program = edge.to_executorch(
         ExecutorchBackendConfig(
-            passes=[InitializedMutableBufferPass([_WEIGHT, _MOMENTUM])],
             memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
             emit_mutable_buffer_names=True,
         )
