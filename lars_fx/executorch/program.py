@@ -73,6 +73,8 @@ class _State(torch.nn.Module):
     (``spec.with_momentum()`` order), each with its initial value as a constant, the mark, and the step's
     constants in its input order. The buffers' names are what ``share_mutable_buffers`` shares by."""
 
+    mark: Tensor
+
     def __init__(self, step: CapturedStep, weights: Mapping[str, Tensor]) -> None:
         super().__init__()
         spec = step.spec
