@@ -291,6 +291,36 @@ def test_state_survives_methods_loaded_late_in_any_order(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(after, continued, strict=True))
 
 
+def test_max_batch_lets_the_batch_size_change_between_steps(tmp_path):
+    torch.manual_seed(30)
+    model = Mlp()
+    optimizer = make_lars(model)
+    generator = torch.Generator().manual_seed(31)
+    x, target = batch(model, generator)
+    program = export_program(
+        model, [x], target, optimizer=optimizer, loss="cross_entropy", path=tmp_path / "b.pte", max_batch=16
+    )
+    methods = load_methods(program.path)
+    for size in (6, 4, 16, 1, 9):  # the last batch of an epoch is smaller
+        x, target = batch(model, generator, size)
+        (loss,) = methods["train_step"].execute([x, target, torch.tensor(0.5)])
+        expected = torch_step(model, optimizer, x, target, 1.0, [0.5])
+        assert abs(float(loss) - expected) <= 1e-5 * max(1.0, abs(expected)), size
+        assert_close_states(
+            methods["get_state"].execute([]),
+            torch_state(model, optimizer, program.parameter_names, program.momentum_names),
+            f"batch {size}",
+        )
+        assert methods["predict"].execute([x])[0].shape == (size, 4)
+    with pytest.raises(RuntimeError):  # beyond the planned memory: the runtime refuses the inputs
+        methods["train_step"].execute([*batch(model, generator, 17), torch.tensor(0.5)])
+    with pytest.raises(ValueError, match=r"max_batch=4 must be an int >= the examples' batch size 6"):
+        export_program(
+            model, [x[:6]], target[:6], optimizer=optimizer, loss="cross_entropy", path=tmp_path / "c.pte",
+            max_batch=4,
+        )
+
+
 # -- options: the program holds each of LARS's and SGD's options as torch runs them --------------------------
 
 OPTION_CASES: dict[str, dict] = {

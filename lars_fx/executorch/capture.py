@@ -89,17 +89,23 @@ def capture_step(
     spec: ProgramSpec,
     *,
     loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
+    batch: torch.export.Dim | None = None,
     dump_dir: str | os.PathLike[str] | None = None,
 ) -> CapturedStep:
     """The training step of ``model`` under ``spec`` as one graph (see the module docstring).
 
-    ``dump_dir`` (default ``$LARS_FX_DUMP``) gets the graph before and after each pass. Raises ValueError
-    for a model whose step the graph cannot take exactly as torch does.
+    ``batch``: the size of dimension 0 of every input and the target, when it may change between steps (by
+    default the examples' sizes are fixed). ``dump_dir`` (default ``$LARS_FX_DUMP``) gets the graph before
+    and after each pass. Raises ValueError for a model whose step the graph cannot take exactly as torch
+    does.
     """
     inputs = tuple(example_inputs)
     wrapped = _LossOf(model, loss_function(loss))
+    dynamic_shapes = None if batch is None else (tuple({0: batch} for _ in (*inputs, example_target)),)
     try:
-        exported = torch.export.export(wrapped, (*inputs, example_target), strict=False)
+        exported = torch.export.export(
+            wrapped, (*inputs, example_target), dynamic_shapes=dynamic_shapes, strict=False
+        )
     except Exception as error:  # torch.export raises many unrelated types for what it cannot capture
         raise ValueError(f"torch.export could not capture the model's loss: {error}") from error
     if len(exported.graph_signature.user_outputs) != 1:

@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -222,20 +223,25 @@ def export_program(
     loss: str | Callable[[Tensor, Tensor], Tensor] = "mse",
     path: PathLike,
     partitioner: str | None = None,
+    max_batch: int | None = None,
 ) -> TrainingProgram:
     """Write ``model`` trained by ``optimizer`` (a ``lars_fx.LARS`` over ``torch.optim.SGD``) as one
     ExecuTorch program at ``path`` (see the module docstring).
 
     ``loss``: ``"mse"``, ``"cross_entropy"`` or a callable ``loss(output, target)``. ``partitioner``: None
-    (the portable kernels) or ``"xnnpack"`` (XNNPACK delegates what it can). The program starts from the
-    model's weights and the optimizer's momentum buffers now. Raises TypeError/ValueError, naming the
-    parameter or module and the fix, for what the program cannot do exactly as ``optimizer.step()`` would.
+    (the portable kernels) or ``"xnnpack"`` (XNNPACK delegates what it can). ``max_batch``: dimension 0 of
+    every input and of the target (the batch) may then be any size from 1 to ``max_batch`` at each call
+    (memory is planned for ``max_batch``); by default the examples' shapes are the only ones. The program
+    starts from the model's weights and the optimizer's momentum buffers now. Raises TypeError/ValueError,
+    naming the parameter or module and the fix, for what the program cannot do exactly as
+    ``optimizer.step()`` would.
     """
     if partitioner not in (None, "xnnpack"):
         raise ValueError(f"partitioner must be None or 'xnnpack', got {partitioner!r}")
     inputs = tuple(example_inputs)
+    batch = _batch_dim(max_batch, inputs, example_target)
     spec = ProgramSpec.from_optimizer(optimizer, model)
-    step = capture_step(model, inputs, example_target, spec, loss=loss)
+    step = capture_step(model, inputs, example_target, spec, loss=loss, batch=batch)
     modules, state = program_modules(model, step)
     lr = torch.tensor(spec.lr, dtype=torch.float32)
     state_values = tuple(buffer.clone() for buffer in state.weights() + state.momenta())
@@ -245,9 +251,19 @@ def export_program(
         "get_state": (),
         "set_state": state_values,
     }
+    batched = () if batch is None else tuple({0: batch} for _ in inputs)
+    dynamic_shapes: dict[str, Any] = {
+        "train_step": None if batch is None else ((*batched, {0: batch}, None),),
+        "predict": None if batch is None else (batched,),
+        "get_state": None,
+        "set_state": None,
+    }
     with torch.no_grad():
         exported = {
-            name: torch.export.export(modules[name], examples[name], strict=False) for name in METHODS
+            name: torch.export.export(
+                modules[name], examples[name], dynamic_shapes=dynamic_shapes[name], strict=False
+            )
+            for name in METHODS
         }
     try:
         if partitioner == "xnnpack":
@@ -270,6 +286,25 @@ def export_program(
     _check_loads(target)
     names = tuple(spec.names())
     return TrainingProgram(target, names, tuple(p.name for p in spec.with_momentum()), step)
+
+
+def _batch_dim(max_batch: int | None, inputs: tuple[Tensor, ...], target: Tensor) -> torch.export.Dim | None:
+    if max_batch is None:
+        return None
+    sizes = {tensor.shape[0] if tensor.dim() else -1 for tensor in (*inputs, target)}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(
+            f"max_batch={max_batch} makes dimension 0 of every input and of the target the batch, but the "
+            f"examples' first dimensions are {[tuple(t.shape[:1]) for t in (*inputs, target)]}; give "
+            "examples of one batch size, or max_batch=None for fixed shapes"
+        )
+    (size,) = sizes
+    if not (isinstance(max_batch, int) and 2 <= size <= max_batch):
+        raise ValueError(
+            f"max_batch={max_batch!r} must be an int >= the examples' batch size {size}, and the examples' "
+            "batch size at least 2 (torch.export specializes a size of 1)"
+        )
+    return torch.export.Dim("batch", min=1, max=max_batch)
 
 
 def _lowering_error(error: Exception) -> str:
