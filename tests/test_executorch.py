@@ -555,6 +555,44 @@ def test_zero_weights_and_zero_gradients():
         run_captured(model, optimizer, data * 2)
 
 
+def test_a_flat_optimizer_exports_its_state():
+    """LARS(flat=True) keeps its momentum buffers as views of flat buffers: the export reads them as tensors."""
+    torch.manual_seed(32)
+    model = Mlp()
+    optimizer = make_lars(model, flat=True)
+    generator = torch.Generator().manual_seed(33)
+    torch_step(model, optimizer, *batch(model, generator), 1.0, [0.5])
+    run_captured(model, optimizer, [batch(model, generator) for _ in range(3)])
+
+
+class Tied(torch.nn.Module):
+    def __init__(self, register_twice: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 4, bias=False)
+        self.unused = torch.nn.Linear(4, 6)
+        if register_twice:
+            self.out = torch.nn.Linear(4, 4, bias=False)
+            self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.embed(x)), self.embed.weight)
+
+
+def test_one_weight_used_twice_steps_with_its_summed_gradient_and_tied_registrations_are_refused(tmp_path):
+    torch.manual_seed(34)
+    model = Tied(register_twice=False)
+    model.unused.requires_grad_(False)  # no gradient ever: frozen, as torch would never step it
+    optimizer = make_lars(model, [{"params": [("embed.weight", model.embed.weight)]}])
+    generator = torch.Generator().manual_seed(35)
+    data = [(torch.randn(5, 4, generator=generator), torch.randint(0, 4, (5,), generator=generator))]
+    run_captured(model, optimizer, data * 3)
+    tied = Tied(register_twice=True)
+    tied.unused.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'embed.weight' and 'out.weight' are one tensor \(tied weights\)"):
+        _export(tied, make_lars(tied, [{"params": [("embed.weight", tied.embed.weight)]}]), tmp_path,
+                x=torch.randn(4, 4))
+
+
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(
     momentum=st.sampled_from([0.0, 0.5, 0.9]),

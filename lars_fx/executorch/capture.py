@@ -99,6 +99,7 @@ def capture_step(
     and after each pass. Raises ValueError for a model whose step the graph cannot take exactly as torch
     does.
     """
+    _refuse_tied_parameters(model)
     inputs = tuple(example_inputs)
     wrapped = _LossOf(model, loss_function(loss))
     dynamic_shapes = None if batch is None else (tuple({0: batch} for _ in (*inputs, example_target)),)
@@ -188,6 +189,18 @@ def _request(
         lr_input=LR_INPUT,
     )
     return request, sources
+
+
+def _refuse_tied_parameters(model: torch.nn.Module) -> None:
+    first_name: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            raise ValueError(
+                f"parameters {first_name[id(param)]!r} and {name!r} are one tensor (tied weights), which "
+                "torch's joint forward-backward export does not support. Register it once and use it in both "
+                "places in forward (e.g. F.linear(h, self.embed.weight))"
+            )
+        first_name[id(param)] = name
 
 
 def _refuse_buffer_writes(joint: torch.export.ExportedProgram, model: torch.nn.Module) -> None:
