@@ -556,7 +556,8 @@ def test_zero_weights_and_zero_gradients():
 
 
 def test_a_flat_optimizer_exports_its_state():
-    """LARS(flat=True) keeps its momentum buffers as views of flat buffers: the export reads them as tensors."""
+    """LARS(flat=True) keeps its momentum buffers as views of flat buffers: the export reads them as
+    tensors."""
     torch.manual_seed(32)
     model = Mlp()
     optimizer = make_lars(model, flat=True)
