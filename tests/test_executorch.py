@@ -227,6 +227,28 @@ def test_program_trains_as_lars_with_lr_change_and_fresh_process_resume(make_mod
         assert torch.equal(got, want)  # the same program from the same state: bitwise
 
 
+class PooledCnn(Cnn):
+    """Max pooling with overlapping windows: ExecuTorch's own backward kernel for it adds into its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        pooled = F.max_pool2d(torch.relu(self.norm(self.conv(x))), kernel_size=3, stride=2, padding=1)
+        return self.fc(pooled.flatten(1))
+
+
+def test_max_pooling_trains_as_torch(tmp_path):
+    torch.manual_seed(36)
+    model = PooledCnn()
+    optimizer = make_lars(model)
+    generator = torch.Generator().manual_seed(37)
+    data = [(torch.randn(6, 1, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator))
+            for _ in range(5)]
+    run_captured(model, optimizer, data, lowered_path=tmp_path / "pool.pte")
+
+
 def test_program_starts_from_zero_momentum_before_the_first_step_and_get_set_state_round_trip(tmp_path):
     torch.manual_seed(2)
     model = Mlp()
@@ -318,6 +340,32 @@ def test_max_batch_lets_the_batch_size_change_between_steps(tmp_path):
         export_program(
             model, [x[:6]], target[:6], optimizer=optimizer, loss="cross_entropy", path=tmp_path / "c.pte",
             max_batch=4,
+        )
+
+
+def test_mse_with_a_changing_batch_and_a_loss_it_cannot_lower(tmp_path):
+    torch.manual_seed(38)
+    model = Mlp()
+    optimizer = make_lars(model)
+    generator = torch.Generator().manual_seed(39)
+    x, target = torch.randn(6, 8, generator=generator), torch.randn(6, 4, generator=generator)
+    program = export_program(
+        model, [x], target, optimizer=optimizer, loss="mse", path=tmp_path / "mse.pte", max_batch=8
+    )
+    methods = load_methods(program.path)
+    for size in (6, 3, 8):
+        x, target = torch.randn(size, 8, generator=generator), torch.randn(size, 4, generator=generator)
+        (loss,) = methods["train_step"].execute([x, target, torch.tensor(0.5)])
+        expected = torch_step(model, optimizer, x, target, 1.0, [0.5], loss=F.mse_loss)
+        assert abs(float(loss) - expected) <= 1e-5 * max(1.0, abs(expected)), size
+        assert_close_states(
+            methods["get_state"].execute([]),
+            torch_state(model, optimizer, program.parameter_names, program.momentum_names),
+            f"batch {size}",
+        )
+    with pytest.raises(ValueError, match=r"torch.sym_float; F.mse_loss's backward.*max_batch=None"):
+        export_program(
+            model, [x], target, optimizer=optimizer, loss=F.mse_loss, path=tmp_path / "no.pte", max_batch=8
         )
 
 

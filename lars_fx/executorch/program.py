@@ -265,6 +265,7 @@ def export_program(
             )
             for name in METHODS
         }
+    _refuse_sym_float(exported["train_step"])
     try:
         if partitioner == "xnnpack":
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -305,6 +306,15 @@ def _batch_dim(max_batch: int | None, inputs: tuple[Tensor, ...], target: Tensor
             "batch size at least 2 (torch.export specializes a size of 1)"
         )
     return torch.export.Dim("batch", min=1, max=max_batch)
+
+
+def _refuse_sym_float(train_step: torch.export.ExportedProgram) -> None:
+    if any(node.op == "call_function" and node.target is torch.sym_float for node in train_step.graph.nodes):
+        raise ValueError(
+            "the step divides by the batch size as a Python float (torch.sym_float; F.mse_loss's backward "
+            "does so), which ExecuTorch cannot lower when max_batch lets the batch size change. Reduce the "
+            "loss with .mean(dim=...) over every dimension, as loss='mse' does, or use max_batch=None"
+        )
 
 
 def _lowering_error(error: Exception) -> str:
