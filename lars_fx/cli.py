@@ -358,8 +358,8 @@ def summarize_inspection(report: Any) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "executorch":
         return _export_executorch(args)
-    if args.name is not None or args.partitioner is not None:
-        raise UsageError("--name and --partitioner apply to --format executorch only")
+    if args.name is not None or args.partitioner is not None or args.max_batch is not None:
+        raise UsageError("--name, --partitioner and --max-batch apply to --format executorch only")
     out = _out_dir(args.out)
     try:
         from .onnx import generate_artifacts
@@ -417,7 +417,8 @@ def _export_executorch(args: argparse.Namespace) -> int:
     try:
         with status(f"exporting an ExecuTorch training program to {path}"), quiet:
             program = export_program(built.model, built.example_inputs, target, optimizer=built.optimizer,
-                                     loss=args.loss, path=path, partitioner=args.partitioner)
+                                     loss=args.loss, path=path, partitioner=args.partitioner,
+                                     max_batch=args.max_batch)
     except (ValueError, TypeError) as error:  # the exporter's refusals name the option to change
         missing = _missing_kernels("".join(native_log))
         detail = f" (missing: {', '.join(missing)})" if missing else ""
@@ -593,6 +594,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--partitioner",
         choices=("xnnpack",),
         help="executorch: delegate what XNNPACK runs to it (default: ExecuTorch's portable kernels only)",
+    )
+    export.add_argument(
+        "--max-batch",
+        type=_at_least(2),
+        metavar="N",
+        help="executorch: the batch (dimension 0 of the inputs and target) may be 1..N at each call "
+        "(default: the example inputs' shapes only)",
     )
     export.add_argument(
         "--verbose",

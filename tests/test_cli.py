@@ -297,3 +297,168 @@ def test_installed_script_reports_one_line_and_exit_code_2(factories):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("lars-fx inspect: error: ")
+
+
+# -- export --format executorch ----------------------------------------------------------------------
+
+EXECUTORCH_FACTORIES = '''
+import torch
+import lars_fx
+
+
+def _lars(model):
+    sgd = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return lars_fx.LARS(sgd)
+
+
+def batch_norm():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    return model, _lars(model), torch.randn(3, 4)
+
+
+def avg_pool():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.AvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 2)
+    )
+    return model, _lars(model), torch.randn(3, 1, 4, 4)
+'''
+
+
+@pytest.fixture
+def executorch_factories(tmp_path: Path) -> Path:
+    path = tmp_path / "executorch_factories.py"
+    path.write_text(EXECUTORCH_FACTORIES)
+    return path
+
+
+def _methods(path: Path) -> dict:
+    """All four methods, loaded before any runs: loading a method resets the program's shared state."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(path)
+    return {name: program.load_method(name) for name in ("train_step", "predict", "get_state", "set_state")}
+
+
+@pytest.mark.parametrize(
+    "options, loss, file_name",
+    [
+        ([], "mse", "model.pte"),
+        (["--loss", "cross_entropy", "--name", "tiny.pte"], "cross_entropy", "tiny.pte"),
+        (["--partitioner", "xnnpack"], "mse", "model.pte"),
+    ],
+    ids=["mse", "cross_entropy_named", "xnnpack"],
+)
+def test_export_executorch_writes_a_program_that_trains(capsys, factories, tmp_path, options, loss,
+                                                        file_name):
+    from lars_fx.cli import build
+
+    out = tmp_path / "program"
+    assert main(["export", f"{factories}:tiny", "--format", "executorch", "--out", str(out), *options]) == 0
+    path = out / file_name
+    assert sorted(out.iterdir()) == [path]
+    assert f"{path}  ({path.stat().st_size:,} bytes)" in capsys.readouterr().out
+
+    model, _, (x,) = build(f"{factories}:tiny")  # the factory seeds itself: the exported weights again
+    with torch.no_grad():
+        output = model(x)
+    if loss == "cross_entropy":
+        target, expected = torch.zeros(3, dtype=torch.long), torch.nn.functional.cross_entropy
+    else:
+        target, expected = torch.zeros_like(output), torch.nn.functional.mse_loss
+    methods = _methods(path)
+    losses = [float(methods["train_step"].execute([x, target, torch.tensor(0.1)])[0]) for _ in range(8)]
+    # the model's loss on the target the CLI derived
+    assert losses[0] == pytest.approx(float(expected(output, target)), rel=1e-5)
+    assert losses[-1] < losses[0]  # and the program steps
+    weights = methods["get_state"].execute([])[: len(list(model.parameters()))]
+    assert any(not torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
+
+
+def test_export_executorch_refuses_a_buffer_write_in_one_line(capsys, executorch_factories, tmp_path):
+    argv = ["export", f"{executorch_factories}:batch_norm", "--format", "executorch",
+            "--out", str(tmp_path / "a")]
+    assert main(argv) == 2
+    error = _error_line(capsys, "export")
+    assert f"cannot export {executorch_factories}:batch_norm: the model's forward writes its buffer" in error
+    assert "'1.running_mean'" in error
+
+
+def test_export_executorch_names_the_missing_kernel(capfd, executorch_factories, tmp_path):
+    argv = ["export", f"{executorch_factories}:avg_pool", "--format", "executorch",
+            "--out", str(tmp_path / "a")]
+    assert main(argv) == 2
+    captured = capfd.readouterr()
+    # ExecuTorch's runtime log is hidden; the error line names what it said was missing.
+    assert "operator_registry" not in captured.out + captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("lars-fx export: error: cannot export") and "Traceback" not in captured.err
+    assert last.endswith("(missing: aten::avg_pool2d_backward.grad_input)")
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        ("over_adam", "the ExecuTorch export supports LARS over torch.optim.SGD only, got Adam"),
+        ("lamb", "returned a lars_fx.LAMB; export writes LARS training artifacts only (the ExecuTorch"),
+        ("no_inputs", "must return (model, optimizer, example_inputs) for export"),
+    ],
+)
+def test_export_executorch_refusals_are_one_line(capsys, factories, tmp_path, factory, message):
+    argv = ["export", f"{factories}:{factory}", "--format", "executorch", "--out", str(tmp_path / "a")]
+    assert main(argv) == 2
+    assert message in _error_line(capsys, "export")
+    assert not list((tmp_path / "a").iterdir())
+
+
+EXECUTORCH_ONLY = "--name, --partitioner and --max-batch apply to --format executorch only"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--name", "sub/model.pte", "--format", "executorch"], "--name 'sub/model.pte': a file name"),
+        (["--partitioner", "xnnpack"], EXECUTORCH_ONLY),
+        (["--name", "model.pte"], EXECUTORCH_ONLY),
+        (["--max-batch", "8"], EXECUTORCH_ONLY),
+        (["--max-batch", "2", "--format", "executorch"],
+         "max_batch=2 must be an int >= the examples' batch size 3"),
+    ],
+)
+def test_export_executorch_options_usage_errors(capsys, factories, tmp_path, options, message):
+    assert main(["export", f"{factories}:tiny", "--out", str(tmp_path / "a"), *options]) == 2
+    assert message in _error_line(capsys, "export")
+
+
+def test_export_executorch_without_executorch_names_the_extra(capsys, factories, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lars_fx.executorch", None)  # what an install without the extra raises
+    argv = ["export", f"{factories}:tiny", "--format", "executorch", "--out", str(tmp_path / "a")]
+    assert main(argv) == 1
+    assert "pip install 'lars-fx[executorch]'" in _error_line(capsys, "export")
+
+
+def test_export_help_mentions_the_formats(capsys):
+    assert main(["export", "--help"]) == 0
+    out = capsys.readouterr().out
+    for text in ("--format {onnx,executorch}", "default: onnx", "--partitioner {xnnpack}", "--name FILE",
+                 "--max-batch N", "--format executorch"):
+        assert text in out
+
+
+def test_export_executorch_max_batch_takes_smaller_batches(capsys, factories, tmp_path):
+    from lars_fx.cli import build
+
+    out = tmp_path / "program"
+    argv = ["export", f"{factories}:tiny", "--format", "executorch", "--max-batch", "8", "--out", str(out),
+            "--loss", "cross_entropy"]
+    assert main(argv) == 0
+    model, _, _ = build(f"{factories}:tiny")
+    methods = _methods(out / "model.pte")
+    for batch in (8, 5, 1):  # the example batch was 3
+        x = torch.randn(batch, 4)
+        with torch.no_grad():
+            assert torch.allclose(methods["predict"].execute([x])[0], model(x), atol=1e-6)
+    x, target = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])
+    loss = methods["train_step"].execute([x, target, torch.tensor(0.1)])[0]
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), target)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
