@@ -529,15 +529,14 @@ def test_mse_and_a_callable_loss_and_two_inputs(tmp_path):
     assert spec.names() == [n for n, _ in mlp.named_parameters()]
 
 
-def test_xnnpack_program_trains_as_lars(tmp_path):
+@pytest.mark.parametrize("make_model", [lambda: Mlp(16, 32, 4), Cnn], ids=["mlp", "cnn"])
+def test_xnnpack_program_trains_as_lars(make_model, tmp_path):
+    """XNNPACK runs the matmuls and convolutions on weights that change every step (the program's state)."""
     torch.manual_seed(16)
-    model = Mlp(16, 32, 4)
+    model = make_model()
     optimizer = make_lars(model)
     generator = torch.Generator().manual_seed(17)
-    data = [
-        (torch.randn(8, 16, generator=generator), torch.randint(0, 4, (8,), generator=generator))
-        for _ in range(5)
-    ]
+    data = [batch(model, generator, 8) for _ in range(5)]
     program = export_program(
         model,
         [data[0][0]],
@@ -551,12 +550,12 @@ def test_xnnpack_program_trains_as_lars(tmp_path):
     for x, target in data:
         methods["train_step"].execute([x, target, torch.tensor(0.5)])
         torch_step(model, optimizer, x, target, 1.0, [0.5])
-    state = methods["get_state"].execute([])
-    for got, want in zip(
-        state, torch_state(model, optimizer, program.parameter_names, program.momentum_names), strict=True
-    ):
-        # XNNPACK's matmuls add in another order than torch's: float32 rounding, not a different step
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        state = methods["get_state"].execute([])
+        expected = torch_state(model, optimizer, program.parameter_names, program.momentum_names)
+        for got, want in zip(state, expected, strict=True):
+            # XNNPACK's matmuls add in another order than torch's: float32 rounding, not a different step
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(methods["predict"].execute([x])[0], model(x).detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_two_programs_in_one_process_keep_their_own_state(tmp_path):

@@ -270,7 +270,10 @@ def export_program(
         if partitioner == "xnnpack":
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            # The weights are the program's state, not constants: XNNPACK takes the matmuls only when told
+            # that their weights may change between calls.
+            xnnpack = XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)
+            edge = to_edge_transform_and_lower(exported, partitioner=[xnnpack])
         else:
             edge = to_edge(exported)
     except Exception as error:  # ExecuTorch's verifier: an op outside the Core ATen opset it has kernels for
