@@ -104,7 +104,9 @@ class _State(torch.nn.Module):
             if name.startswith(prefix):
                 initial = buffers.get(_INITIAL + name)
                 initial = torch.zeros_like(buffer) if initial is None else initial
-                current.append(torch.where(written, buffer, initial))
+                # A condition of the buffer's shape: ExecuTorch's portable where broadcasts a 0-d one element
+                # by element, which cost more than the LARS step (2.4 ms of 4.2 on a 784-256-10 MLP).
+                current.append(torch.where(written.expand(buffer.shape), buffer, initial))
         return current
 
     def weights(self) -> list[Tensor]:
