@@ -478,6 +478,27 @@ def test_frozen_and_unoptimized_parameters_stay_constants(tmp_path):
     assert program.parameter_names == ("fc1.weight", "fc1.bias", "norm.bias")
 
 
+class WithBuffers(Mlp):
+    """A persistent and a non-persistent buffer, read by the forward (constants of the program)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+        self.register_buffer("shift", torch.linspace(-0.1, 0.1, 16), persistent=False)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x * self.scale) + self.shift)))
+
+
+def test_buffers_the_forward_reads_are_constants(tmp_path):
+    torch.manual_seed(40)
+    model = WithBuffers()
+    optimizer = make_lars(model)
+    generator = torch.Generator().manual_seed(41)
+    data = [batch(model, generator) for _ in range(3)]
+    run_captured(model, optimizer, data, lowered_path=tmp_path / "b.pte")
+
+
 def test_mse_and_a_callable_loss_and_two_inputs(tmp_path):
     class TwoInputs(torch.nn.Module):
         def __init__(self) -> None:

@@ -166,10 +166,10 @@ def _request(
         if input_spec.kind == InputKind.PARAMETER and name in trained:
             sources[placeholder] = Source("weight", name=name)
             placeholder_of[name] = placeholder
-        elif input_spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-            sources[placeholder] = Source("constant", name=name, value=state[target].detach().clone())
-        elif input_spec.kind == InputKind.CONSTANT_TENSOR:
-            sources[placeholder] = Source("constant", name=name, value=constants[target].detach().clone())
+        elif input_spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            # a non-persistent buffer is among the constants, not in the state dict
+            value = state[target] if target in state else constants[target]
+            sources[placeholder] = Source("constant", name=name, value=value.detach().clone())
         elif input_spec.kind == InputKind.USER_INPUT:
             if user_inputs < len(inputs):
                 sources[placeholder] = Source("input", index=user_inputs)
