@@ -288,8 +288,14 @@ def export_program(
     )
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(program.buffer)
-    _check_loads(target)
+    checked = target.with_name(target.name + ".partial")  # a program that does not load never reaches path
+    checked.write_bytes(program.buffer)
+    try:
+        _check_loads(checked)
+    except ValueError:
+        checked.unlink()
+        raise
+    os.replace(checked, target)
     names = tuple(spec.names())
     return TrainingProgram(target, names, tuple(p.name for p in spec.with_momentum()), step)
 
