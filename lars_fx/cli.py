@@ -365,15 +365,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .onnx import generate_artifacts
     except ImportError as error:
         raise MissingFeature(f"export needs the onnx extra: pip install 'lars-fx[onnx]' ({error})") from None
-    with status(f"building {args.factory}"):
-        built = build(args.factory)
-    if built.example_inputs is None:
-        raise UsageError(f"{args.factory} must return (model, optimizer, example_inputs) for export")
-    if isinstance(built.optimizer, LAMB):
-        raise UsageError(
-            f"{args.factory} returned a lars_fx.LAMB; export writes LARS training artifacts only (ONNX "
-            "Runtime's training runtime runs only its own AdamW and SGD optimizer nodes)"
-        )
+    built = _build_for_export(
+        args.factory, "ONNX Runtime's training runtime runs only its own AdamW and SGD optimizer nodes"
+    )
     ort_log = nullcontext() if args.verbose else native_stderr_hidden()
     with status(f"exporting ONNX training artifacts to {out}"), ort_log:
         try:
@@ -384,6 +378,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     for path in sorted(out.iterdir()):
         print(f"{path}  ({path.stat().st_size:,} bytes)")
     return 0
+
+
+class ForExport(NamedTuple):
+    """What export needs of a factory's ``Built``: a LARS and example inputs."""
+
+    model: nn.Module
+    optimizer: LARS
+    example_inputs: tuple[Tensor, ...]
+
+
+def _build_for_export(factory: str, why_not_lamb: str) -> ForExport:
+    with status(f"building {factory}"):
+        built = build(factory)
+    if built.example_inputs is None:
+        raise UsageError(f"{factory} must return (model, optimizer, example_inputs) for export")
+    if isinstance(built.optimizer, LAMB):
+        raise UsageError(
+            f"{factory} returned a lars_fx.LAMB; export writes LARS training artifacts only ({why_not_lamb})"
+        )
+    return ForExport(built.model, built.optimizer, built.example_inputs)
 
 
 def _export_executorch(args: argparse.Namespace) -> int:
@@ -401,15 +415,7 @@ def _export_executorch(args: argparse.Namespace) -> int:
             f"export --format executorch needs the executorch extra: pip install 'lars-fx[executorch]' "
             f"({_first_line(error)})"
         ) from None
-    with status(f"building {args.factory}"):
-        built = build(args.factory)
-    if built.example_inputs is None:
-        raise UsageError(f"{args.factory} must return (model, optimizer, example_inputs) for export")
-    if isinstance(built.optimizer, LAMB):
-        raise UsageError(
-            f"{args.factory} returned a lars_fx.LAMB; export writes LARS training artifacts only (the "
-            "ExecuTorch program's step is LARS over torch.optim.SGD)"
-        )
+    built = _build_for_export(args.factory, "the ExecuTorch program's step is LARS over torch.optim.SGD")
     target = _example_target(built, args.loss)
     path = out / name
     native_log.clear()  # only the export's own lines can name a missing kernel
@@ -427,11 +433,10 @@ def _export_executorch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _example_target(built: Built, loss: str) -> Tensor:
+def _example_target(built: ForExport, loss: str) -> Tensor:
     """A target shaped as the loss takes it: the output's shape for mse, one class per row for
     cross_entropy (the values do not matter to the export)."""
     inputs = built.example_inputs
-    assert inputs is not None
     with torch.no_grad():
         output = _run_user_code("the forward pass on example_inputs", lambda: built.model(*inputs))
     if not isinstance(output, Tensor):

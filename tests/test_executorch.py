@@ -817,25 +817,16 @@ def _refusals() -> list[tuple[str, Callable[[], tuple], str]]:
         model = Mlp()
         return model, make_lars(model, **options)
 
-    def batchnorm():
-        model = WithBatchNorm()
-        return model, make_lars(model)
+    def with_lars(model_class):
+        def build():
+            model = model_class()
+            return model, make_lars(model)
 
-    def dropout():
-        model = WithDropout()
-        return model, make_lars(model)
+        return build
 
-    def dropout_module():
-        model = WithDropoutModule()
-        return model, make_lars(model)
-
-    def no_kernel():
-        model = WithErfinv()
-        return model, make_lars(model)
-
-    def no_runtime_kernel():
-        model = WithAvgPool()
-        return model, make_lars(model)
+    batchnorm, dropout, dropout_module, no_kernel, no_runtime_kernel = map(
+        with_lars, (WithBatchNorm, WithDropout, WithDropoutModule, WithErfinv, WithAvgPool)
+    )
 
     def adam():
         model = Mlp()
