@@ -250,8 +250,8 @@ def is_fsdp1_flat_parameter(tensor: object) -> bool:
 
 def export_forward_backward(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """The joint forward-backward graph of an exported program whose first output is a loss: the loss, then
-    one gradient per trainable parameter, outputs of kind ``GRADIENT_TO_PARAMETER`` (2.13; the API
-    ExecuTorch's training uses, ``torch.export.experimental._export_forward_backward``, present since 2.6)."""
+    one gradient per trainable parameter, outputs of kind ``GRADIENT_TO_PARAMETER`` (2.13: the API
+    ExecuTorch's training uses, ``torch.export.experimental._export_forward_backward``)."""
     from torch.export.experimental import _export_forward_backward
 
     return _export_forward_backward(program)

@@ -16,6 +16,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 
+import executorch.runtime as executorch_runtime
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,6 @@ from lars_fx.functional import lars_sgd_reference
 from lars_fx.passes.fx_pipeline import pipeline_names
 from lars_fx.passes.fx_spec import PatternMismatch
 from lars_fx.passes.pipelines import LARS_JOINT
-
-executorch_runtime = pytest.importorskip("executorch.runtime")
 
 STEPS = 10
 RTOL, ATOL = 1e-5, 1e-7
