@@ -551,7 +551,8 @@ def test_mse_and_a_callable_loss_and_two_inputs(tmp_path):
 
 @pytest.mark.parametrize("make_model", [lambda: Mlp(16, 32, 4), Cnn], ids=["mlp", "cnn"])
 def test_xnnpack_program_trains_as_lars(make_model, tmp_path):
-    """XNNPACK runs the matmuls and convolutions on weights that change every step (the program's state)."""
+    """XNNPACK runs the matmuls on weights that change every step (the program's state); the CNN's
+    convolutions stay on the portable kernels."""
     torch.manual_seed(16)
     model = make_model()
     optimizer = make_lars(model)
