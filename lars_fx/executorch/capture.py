@@ -162,7 +162,7 @@ def _request(
     for input_spec in signature.input_specs:
         placeholder = input_spec.arg.name
         target = input_spec.target or ""
-        name = target[len(_PREFIX):] if target.startswith(_PREFIX) else target
+        name = target.removeprefix(_PREFIX)
         if input_spec.kind == InputKind.PARAMETER and name in trained:
             sources[placeholder] = Source("weight", name=name)
             placeholder_of[name] = placeholder
@@ -183,7 +183,7 @@ def _request(
     for index, output_spec in enumerate(signature.output_specs):
         if output_spec.kind == OutputKind.GRADIENT_TO_PARAMETER:
             target = output_spec.target or ""
-            name = target[len(_PREFIX):] if target.startswith(_PREFIX) else target
+            name = target.removeprefix(_PREFIX)
             if name in trained:
                 gradients[placeholder_of[name]] = index
     if missing := [name for name in trained if placeholder_of.get(name) not in gradients]:
@@ -215,7 +215,7 @@ def _refuse_tied_parameters(model: torch.nn.Module) -> None:
 
 def _refuse_buffer_writes(joint: torch.export.ExportedProgram, model: torch.nn.Module) -> None:
     for target in joint.graph_signature.buffers_to_mutate.values():
-        name = target[len(_PREFIX):] if target.startswith(_PREFIX) else target
+        name = target.removeprefix(_PREFIX)
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
         raise ValueError(

@@ -60,13 +60,21 @@ PathLike = str | os.PathLike
 
 @dataclass(frozen=True)
 class TrainingProgram:
-    """A written program: its path, the names of the parameters ``get_state``/``set_state`` list (weights in
-    this order, then the momentum buffers of ``momentum_names``), and the captured step (with its stages)."""
+    """A written program: its path and the captured step (with its stages and spec)."""
 
     path: Path
-    parameter_names: tuple[str, ...]
-    momentum_names: tuple[str, ...]
     step: CapturedStep
+
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        """The weights ``get_state``/``set_state`` list, in this order (then the momentum buffers of
+        ``momentum_names``)."""
+        return tuple(self.step.spec.names())
+
+    @property
+    def momentum_names(self) -> tuple[str, ...]:
+        """The parameters whose momentum buffers follow the weights in the state."""
+        return tuple(param.name for param in self.step.spec.with_momentum())
 
 
 class _State(torch.nn.Module):
@@ -135,7 +143,7 @@ class _TrainStep(torch.nn.Module):
         self.step = step.graph
         weight_index = {name: i for i, name in enumerate(step.spec.names())}
         momentum_index = {param.name: i for i, param in enumerate(step.spec.with_momentum())}
-        constants = iter(range(len(step.sources)))
+        constants = 0
         self.plan: list[tuple[str, int]] = []  # (what, index) per graph input
         for source in step.sources:
             if source.kind == "weight":
@@ -143,7 +151,8 @@ class _TrainStep(torch.nn.Module):
             elif source.kind == "momentum":
                 self.plan.append(("momentum", momentum_index[source.name]))
             elif source.kind == "constant":
-                self.plan.append(("constant", next(constants)))
+                self.plan.append(("constant", constants))
+                constants += 1
             else:
                 self.plan.append((source.kind, source.index))
 
@@ -296,8 +305,7 @@ def export_program(
         checked.unlink()
         raise
     os.replace(checked, target)
-    names = tuple(spec.names())
-    return TrainingProgram(target, names, tuple(p.name for p in spec.with_momentum()), step)
+    return TrainingProgram(target, step)
 
 
 def _batch_dim(max_batch: int | None, inputs: tuple[Tensor, ...], target: Tensor) -> torch.export.Dim | None:
